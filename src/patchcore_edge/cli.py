@@ -1,0 +1,25 @@
+"""The `patchcore-edge` command: one group, each part of the toolkit adds its commands.
+
+Command modules import torch only inside the export commands, so the runtime commands work without it.
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="patchcore-edge")
+def main() -> None:
+    """PatchCore anomaly detection from a workstation to NVIDIA Jetson boards."""
+
+
+def _register() -> None:
+    from .export.cli import export_command
+
+    main.add_command(export_command, "export")
+
+
+_register()
