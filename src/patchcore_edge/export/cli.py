@@ -1,0 +1,98 @@
+"""`patchcore-edge export NOMINAL_DIR -o BUNDLE_DIR` (torch is imported only when the command runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import click
+
+BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
+
+
+class _StageBars:
+    """One click progress bar per pipeline stage, opened when the stage reports first."""
+
+    def __init__(self) -> None:
+        self.stage: Optional[str] = None
+        self.bar: Any = None
+        self.done = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
+            labels = {"features": "features", "coreset": "coreset "}
+            self.bar = click.progressbar(length=total, label=labels.get(stage, stage), file=click.get_text_stream(
+                "stderr"), show_eta=True, show_pos=True)
+            self.bar.__enter__()
+            self.stage, self.done = stage, 0
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+            self.stage = None
+
+
+@click.command("export")
+@click.argument("nominal_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
+@click.option("--backbone", type=click.Choice(BACKBONE_CHOICES), default="mobilenet_v2", show_default=True)
+@click.option("--weights", default=None, metavar="FILE|random",
+              help="ImageNet weights (torchvision state_dict .pth). Default: the offline package for mobilenet_v2, "
+                   "else torchvision's cache. 'random' asks for untrained weights (for tests only).")
+@click.option("--resize", default=256, show_default=True, help="Shorter image side before the centre crop.")
+@click.option("--crop", default=224, show_default=True, help="Side of the square network input.")
+@click.option("--feature-dim", type=int, default=None, help="Patch feature channels (default: the backbone's).")
+@click.option("--coreset-ratio", default=0.1, show_default=True, help="Fraction of patches kept in the bank.")
+@click.option("--coreset-size", type=int, default=None, help="Absolute bank size (overrides --coreset-ratio).")
+@click.option("--projection-dim", default=128, show_default=True, help="Random projection dim for the coreset.")
+@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--ef", type=int, default=None, help="HNSW search breadth recorded as the runtime default.")
+@click.option("--engine/--no-engine", default=True, show_default=True,
+              help="Build a TensorRT engine when TensorRT and a GPU are present.")
+@click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Optional[str], resize: int, crop: int,
+                   feature_dim: Optional[int], coreset_ratio: float, coreset_size: Optional[int], projection_dim: int,
+                   device: str, seed: int, batch_size: int, ef: Optional[int], engine: bool, force: bool,
+                   quiet: bool) -> None:
+    """Build a PatchCore bundle from a folder of defect-free images."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise click.ClickException("export needs torch: pip install 'patchcore-edge[export]'") from None
+    from ..bundle import BundleError
+    from .pipeline import ExportError, ExportOptions, export_bundle
+
+    options = ExportOptions(nominal_dir=nominal_dir, output=output, backbone=backbone, weights=weights,
+                            resize=resize, crop=crop, feature_dim=feature_dim, coreset_ratio=coreset_ratio,
+                            coreset_size=coreset_size, projection_dim=projection_dim, device=device, seed=seed,
+                            batch_size=batch_size, ef=ef, engine=engine, force=force)
+    bars = _StageBars()
+    progress = (lambda stage, done, total: None) if quiet else bars
+    try:
+        summary = export_bundle(options, progress=progress, log=lambda message: click.echo(message, err=True))
+    except (ExportError, BundleError) as error:
+        bars.close()
+        raise click.ClickException(str(error)) from None
+    bars.close()
+    for error in summary.skipped:
+        click.echo(f"skipped {error.path}: {error.reason}", err=True)
+    rows: Dict[str, str] = {
+        "bundle": str(summary.bundle),
+        "images": f"{summary.images} used, {len(summary.skipped)} skipped",
+        "patches": f"{summary.patches:,} x {summary.feature_dim} dims",
+        "coreset": f"{summary.coreset_size:,} vectors ({summary.bank_mb:.1f} MB)",
+        "coverage radius": "n/a" if summary.coverage_radius is None else f"{summary.coverage_radius:.4f}",
+        "onnx parity": f"max |onnx - torch| = {summary.onnx_max_abs_diff:.2e}",
+        "engine": summary.engine_note,
+        "time": ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()),
+    }
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        click.echo(f"{key:<{width}}  {value}")

@@ -1,0 +1,278 @@
+"""Export: nominal images -> patch features -> coreset -> memory bank + HNSW index + features.onnx -> bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import __version__
+from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, write_new_bundle
+from ..imageio import ImageReadError, decode_rgb, list_images
+from ..preprocess import InputSpec
+
+# Fewer good images than this cannot describe "normal": refuse rather than ship a bundle that alarms on everything.
+MIN_IMAGES = 5
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+
+
+class ExportError(Exception):
+    """An export that cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class ExportOptions:
+    nominal_dir: Path
+    output: Path
+    backbone: str = "mobilenet_v2"
+    weights: Optional[str] = None
+    resize: int = 256
+    crop: int = 224
+    feature_dim: Optional[int] = None
+    coreset_ratio: float = 0.1
+    coreset_size: Optional[int] = None
+    projection_dim: int = 128
+    device: str = "cpu"
+    seed: int = 0
+    batch_size: int = 8
+    hnsw_m: Optional[int] = None
+    ef_construction: Optional[int] = None
+    ef: Optional[int] = None
+    reweight_neighbours: int = 9
+    rerank: int = 8
+    gaussian_sigma: float = 4.0
+    parity_images: int = 4
+    engine: bool = True
+    force: bool = False
+
+
+@dataclass
+class ExportSummary:
+    bundle: Path
+    images: int
+    skipped: List[ImageReadError]
+    patches: int
+    coreset_size: int
+    feature_dim: int
+    bank_mb: float
+    coverage_radius: Optional[float]
+    onnx_max_abs_diff: float
+    engine_note: str
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def _quiet_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def _quiet_log(message: str) -> None:
+    pass
+
+
+def coreset_target(patches: int, ratio: float, size: Optional[int]) -> int:
+    """The number of bank vectors asked for by --coreset-size or --coreset-ratio, checked against the patch count."""
+    if size is not None:
+        if size < 1:
+            raise ExportError(f"--coreset-size must be at least 1, got {size}")
+        return min(size, patches)
+    if not 0.0 < ratio <= 1.0:
+        raise ExportError(f"--coreset-ratio must be in (0, 1], got {ratio}")
+    return max(1, int(round(patches * ratio)))
+
+
+def scan_nominal(nominal_dir: Path) -> Tuple[List[Path], List[ImageReadError]]:
+    if not nominal_dir.is_dir():
+        raise ExportError(f"{nominal_dir}: not a folder of nominal images")
+    return list_images(nominal_dir)
+
+
+def extract_bank_features(extractor: Any, paths: List[Path], spec: InputSpec, batch_size: int, device: str,
+                          progress: Progress) -> Tuple[np.ndarray, List[Path], List[str], List[ImageReadError],
+                                                       List[np.ndarray]]:
+    """Decode, transform and run every image through the extractor, in batches, skipping unreadable ones.
+
+    Returns patch features [N*h*w, D], the paths used, their file sha256, the read errors, and a few transformed
+    input tensors (numpy) kept for the ONNX parity check.
+    """
+    import torch
+
+    from .transform import torch_preprocess
+
+    chunks: List[np.ndarray] = []
+    used: List[Path] = []
+    hashes: List[str] = []
+    errors: List[ImageReadError] = []
+    samples: List[np.ndarray] = []
+    batch: List[torch.Tensor] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        with torch.no_grad():
+            out = extractor(torch.stack(batch).to(device))
+        chunks.append(out.reshape(-1, out.shape[-1]).float().cpu().numpy())
+        batch.clear()
+
+    for position, path in enumerate(paths, start=1):
+        try:
+            data = path.read_bytes()
+            image = decode_rgb(data, path)
+        except ImageReadError as error:
+            errors.append(error)
+        except OSError as error:
+            errors.append(ImageReadError(path, f"cannot read file ({error.strerror or error})"))
+        else:
+            tensor = torch_preprocess(image, spec)
+            if len(samples) < 8:
+                samples.append(tensor.numpy().copy())
+            batch.append(tensor)
+            used.append(path)
+            hashes.append(hashlib.sha256(data).hexdigest())
+            if len(batch) == batch_size:
+                flush()
+        progress("features", position, len(paths))
+    flush()
+    features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    return np.ascontiguousarray(features, dtype=np.float32), used, hashes, errors, samples
+
+
+def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log) -> ExportSummary:
+    """Run the whole export and write the bundle atomically; raise ExportError/BundleError on failure."""
+    import torch
+
+    from .. import search
+    from .backbones import WeightsNotFound
+    from .coreset import coverage_radius, greedy_coreset
+    from .features import build_extractor
+    from .onnx_export import OnnxParityError, check_onnx_parity, export_onnx
+
+    seconds: Dict[str, float] = {}
+    output = Path(options.output)
+    if output.exists() and not options.force:
+        raise BundleError(f"{output}: already exists; pass --force to overwrite it or choose another output folder")
+    try:
+        spec = InputSpec(resize=options.resize, crop=options.crop)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    paths, skipped = scan_nominal(Path(options.nominal_dir))
+
+    torch.manual_seed(options.seed)
+    try:
+        extractor, info = build_extractor(options.backbone, options.weights, spec, options.feature_dim)
+    except WeightsNotFound as error:
+        raise ExportError(str(error)) from None
+    extractor = extractor.to(options.device).eval()
+
+    start = time.perf_counter()
+    features, used, hashes, read_errors, samples = extract_bank_features(
+        extractor, paths, spec, options.batch_size, options.device, progress)
+    seconds["features"] = time.perf_counter() - start
+    skipped = skipped + read_errors
+    for error in skipped:
+        log(f"skipped {error.path}: {error.reason}")
+    if len(used) < MIN_IMAGES:
+        raise ExportError(f"{options.nominal_dir}: found {len(used)} usable image(s) (skipped {len(skipped)}); "
+                          f"an export needs at least {MIN_IMAGES} images of good parts")
+
+    size = coreset_target(features.shape[0], options.coreset_ratio, options.coreset_size)
+    start = time.perf_counter()
+    selected = greedy_coreset(features, size, projection_dim=options.projection_dim, seed=options.seed,
+                              device=options.device, progress=lambda done, total: progress("coreset", done, total))
+    seconds["coreset"] = time.perf_counter() - start
+    bank = np.ascontiguousarray(features[selected], dtype=np.float32)
+    radius = coverage_radius(features, selected) if features.shape[0] <= 400_000 else None
+    del features
+
+    start = time.perf_counter()
+    b = min(options.reweight_neighbours, bank.shape[0])
+    neighbours = search.bank_neighbours(bank, b)
+    index_params = {
+        "M": options.hnsw_m or search.DEFAULT_M,
+        "ef_construction": options.ef_construction or search.DEFAULT_EF_CONSTRUCTION,
+        "ef": options.ef or search.DEFAULT_EF,
+    }
+    index = search.build_index(bank, m=index_params["M"], ef_construction=index_params["ef_construction"],
+                               seed=options.seed)
+    seconds["index"] = time.perf_counter() - start
+
+    def build(staging: Path) -> Dict[str, Any]:
+        np.save(staging / "memory_bank.npy", bank, allow_pickle=False)
+        np.save(staging / "bank_neighbours.npy", neighbours.astype(np.int32), allow_pickle=False)
+        search.save_index(index, staging / "index.hnsw")
+        (staging / "training_images.json").write_text(json.dumps({"sha256": hashes}, indent=0) + "\n")
+
+        start_onnx = time.perf_counter()
+        onnx_path = staging / "features.onnx"
+        export_onnx(extractor.cpu(), onnx_path, spec)
+        try:
+            parity = check_onnx_parity(extractor, onnx_path, np.stack(samples[: max(1, options.parity_images)]))
+        except OnnxParityError as error:
+            raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with torch: {error}") from None
+        seconds["onnx"] = time.perf_counter() - start_onnx
+        summary_box["parity"] = parity
+
+        engines: List[Dict[str, Any]] = []
+        summary_box["engine_note"] = _maybe_build_engine(options, onnx_path, info, staging, engines, log)
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "toolkit_version": __version__,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created_with": {"python": platform.python_version(), "torch": torch.__version__},
+            "backbone": info.backbone_manifest(),
+            "layers": list(info.layers),
+            "input": spec.to_manifest(),
+            "features": {
+                "dim": int(info.feature_dim), "grid": [int(info.grid[0]), int(info.grid[1])],
+                "stride": int(info.stride), "local_neighbourhood": 3,
+                "onnx_file": "features.onnx", "input_name": "image", "output_name": "features",
+                "layout": "NHWC", "onnx_parity": {"max_abs_diff": float(parity.max_abs),
+                                                   "tolerance": float(parity.tolerance),
+                                                   "images": int(min(len(samples), options.parity_images))},
+                **info.extra_manifest(),
+            },
+            "coreset": {
+                "method": "greedy k-center", "size": int(bank.shape[0]), "patches": int(len(used) * info.grid[0]
+                                                                                      * info.grid[1]),
+                "ratio": float(bank.shape[0] / max(1, len(used) * info.grid[0] * info.grid[1])),
+                "projection_dim": int(options.projection_dim), "seed": int(options.seed),
+                "coverage_radius": radius,
+            },
+            "index": {"library": "hnswlib", "space": "l2", **index_params, "seed": int(options.seed)},
+            "score": {"method": "patchcore", "distance": "euclidean", "reweight_neighbours": int(b),
+                      "rerank": int(options.rerank), "gaussian_sigma": float(options.gaussian_sigma)},
+            "engines": engines,
+            "calibration": None,
+            "training_images": {"file": "training_images.json", "count": len(used)},
+        }
+
+    summary_box: Dict[str, Any] = {}
+    bundle_path = write_new_bundle(output, build, force=options.force)
+    return ExportSummary(
+        bundle=bundle_path, images=len(used), skipped=skipped, patches=len(used) * info.grid[0] * info.grid[1],
+        coreset_size=int(bank.shape[0]), feature_dim=int(info.feature_dim), bank_mb=bank.nbytes / 2**20,
+        coverage_radius=radius, onnx_max_abs_diff=float(summary_box["parity"].max_abs),
+        engine_note=summary_box["engine_note"], seconds=seconds)
+
+
+def _maybe_build_engine(options: ExportOptions, onnx_path: Path, info: Any, staging: Path,
+                        engines: List[Dict[str, Any]], log: Log) -> str:
+    """Build a TensorRT engine for this machine's GPU where TensorRT exists; otherwise say so and carry on."""
+    if not options.engine:
+        return "TensorRT engine: not requested (--no-engine)"
+    from .. import trt
+
+    available, reason = trt.tensorrt_status()
+    if not available:
+        return f"TensorRT engine: skipped ({reason}); build it on the device with `patchcore-edge engine build`"
+    entry = trt.build_engine_into(staging, onnx_path, precision="fp16", log=log)
+    engines.append(entry)
+    return f"TensorRT engine: {entry['file']}"

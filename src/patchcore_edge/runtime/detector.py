@@ -1,0 +1,217 @@
+"""The runtime API: load a bundle, turn images into scores, decisions and anomaly maps. No torch.
+
+    detector = Detector.load("bundle/")
+    result = detector.predict(read_rgb("part.png"))
+    result.score, result.is_anomalous, result.anomaly_map
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..bundle import BundleError, load_array, read_manifest
+from ..imageio import ImageReadError
+from ..preprocess import Geometry, InputSpec, geometry, map_to_image, preprocess
+from ..scoring import anomaly_map, image_scores
+from ..search import PatchSearch, load_index
+from .backends import FeatureBackend, open_backend
+
+
+@dataclass
+class Result:
+    """What the runtime says about one image."""
+
+    score: float
+    anomaly_map: Optional[np.ndarray] = None
+    normalised_score: Optional[float] = None
+    is_anomalous: Optional[bool] = None
+    mask: Optional[np.ndarray] = None
+    timing_ms: Dict[str, float] = field(default_factory=dict)
+    max_patch_distance: float = 0.0
+    image_size: Tuple[int, int] = (0, 0)
+
+
+StreamItem = Tuple[Hashable, Union[np.ndarray, ImageReadError]]
+
+
+class Detector:
+    """A loaded bundle: feature backend + memory bank search + scoring (+ calibration when present)."""
+
+    def __init__(self, bundle_dir: Path, manifest: Dict[str, Any], backend: FeatureBackend, backend_note: str,
+                 search: PatchSearch, neighbours: np.ndarray, calibration: Any = None) -> None:
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.backend_note = backend_note
+        self.search = search
+        self.neighbours = neighbours
+        self.calibration = calibration
+        self.spec = InputSpec.from_manifest(manifest["input"])
+        self.grid = tuple(manifest["features"]["grid"])
+        self.rerank = int(manifest["score"]["rerank"])
+        self.sigma = float(manifest["score"]["gaussian_sigma"])
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @classmethod
+    def load(cls, bundle_dir: Union[str, Path], backend: str = "auto", ef: Optional[int] = None,
+             exact_search: bool = False, threads: Optional[int] = None, verify: bool = True) -> "Detector":
+        """Validate and load a bundle. Raises BundleError naming the file and the fix when anything is off."""
+        folder = Path(bundle_dir)
+        manifest = read_manifest(folder, verify_files=verify)
+        dim = int(manifest["features"]["dim"])
+        size = int(manifest["coreset"]["size"])
+        b = int(manifest["score"]["reweight_neighbours"])
+        bank = load_array(folder, "memory_bank.npy", np.float32, (size, dim))
+        neighbours = load_array(folder, "bank_neighbours.npy", np.int32, (size, b))
+        if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= size):
+            raise BundleError(f"{folder / 'bank_neighbours.npy'}: indices outside the memory bank; re-export")
+        index = None if exact_search else load_index(folder / "index.hnsw", dim, size)
+        search = PatchSearch(bank, index, ef=ef or int(manifest["index"]["ef"]), threads=threads)
+        features_backend, note = open_backend(folder, manifest, backend, threads)
+        return cls(folder, manifest, features_backend, note, search, neighbours, _load_calibration(folder, manifest))
+
+    # ------------------------------------------------------------------------------------------ prediction
+
+    def predict(self, image_rgb: np.ndarray, maps: bool = True) -> Result:
+        return self.predict_batch([image_rgb], maps=maps)[0]
+
+    def predict_batch(self, images: Sequence[np.ndarray], maps: bool = True) -> List[Result]:
+        start = time.perf_counter()
+        batch = np.stack([preprocess(image, self.spec) for image in images])
+        geometries = [geometry(image.shape[0], image.shape[1], self.spec) for image in images]
+        preprocess_ms = (time.perf_counter() - start) * 1000 / len(images)
+        results = self._infer(batch, geometries, maps)
+        for result in results:
+            result.timing_ms = {"preprocess": preprocess_ms, **result.timing_ms}
+        return results
+
+    def _infer(self, batch: np.ndarray, geometries: Sequence[Geometry], maps: bool) -> List[Result]:
+        n = batch.shape[0]
+        start = time.perf_counter()
+        grid = self.backend.features(batch)
+        features_ms = (time.perf_counter() - start) * 1000 / n
+        if grid.shape[:3] != (n, *self.grid):
+            raise BundleError(f"{self.bundle_dir}: the feature backend returned {grid.shape}, the manifest says "
+                              f"[{n}, {self.grid[0]}, {self.grid[1]}, D]; re-export the bundle")
+        start = time.perf_counter()
+        scored = image_scores(grid.reshape(n, -1, grid.shape[-1]), self.search, self.neighbours, self.rerank)
+        search_ms = (time.perf_counter() - start) * 1000 / n
+        results = []
+        for patch, geo in zip(scored, geometries):
+            start = time.perf_counter()
+            result = Result(score=float(patch.score), max_patch_distance=float(patch.max_distance),
+                            image_size=(geo.height, geo.width))
+            if maps:
+                crop_map = anomaly_map(patch.patch_distances.reshape(self.grid), self.spec.crop, self.sigma)
+                result.anomaly_map = map_to_image(crop_map, geo)
+            map_ms = (time.perf_counter() - start) * 1000
+            if self.calibration is not None:
+                result.normalised_score = float(self.calibration.normalise(result.score))
+                result.is_anomalous = bool(self.calibration.decide(result.score))
+                if result.anomaly_map is not None:
+                    result.mask = self.calibration.mask(result.anomaly_map)
+            result.timing_ms = {"features": features_ms, "search_score": search_ms, "map": map_ms}
+            results.append(result)
+        return results
+
+    def stream(self, items: Iterable[StreamItem], batch_size: int = 1, maps: bool = True,
+               queue_size: int = 4) -> Iterator[Tuple[Hashable, Union[Result, ImageReadError]]]:
+        """Score a stream of (key, image) in order; decoding/pre-processing of the next batch overlaps inference.
+
+        Items that are ImageReadError (an unreadable file) pass through as they are, in order.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        prepared: "queue.Queue[Any]" = queue.Queue(maxsize=queue_size)
+        done = object()
+        stop = threading.Event()
+
+        def producer() -> None:
+            pending: List[Tuple[Hashable, Any]] = []
+
+            def flush() -> None:
+                if pending:
+                    start = time.perf_counter()
+                    inputs = [preprocess(image, self.spec) for _, image in pending]
+                    geos = [geometry(image.shape[0], image.shape[1], self.spec) for _, image in pending]
+                    elapsed = (time.perf_counter() - start) * 1000 / len(pending)
+                    prepared.put(("batch", [k for k, _ in pending], np.stack(inputs), geos, elapsed))
+                    pending.clear()
+
+            try:
+                for key, item in items:
+                    if stop.is_set():
+                        return
+                    if isinstance(item, ImageReadError):
+                        flush()
+                        prepared.put(("error", key, item))
+                        continue
+                    try:
+                        geometry(item.shape[0], item.shape[1], self.spec)
+                        if item.ndim != 3 or item.shape[2] != 3:
+                            raise ValueError(f"expected an RGB image, got shape {item.shape}")
+                    except (ValueError, IndexError, AttributeError) as error:
+                        flush()
+                        prepared.put(("error", key, ImageReadError(str(key), str(error))))
+                        continue
+                    pending.append((key, item))
+                    if len(pending) == batch_size:
+                        flush()
+                flush()
+            except BaseException as error:  # surface producer failures in the consumer, not in a dead thread
+                prepared.put(("raise", error))
+            finally:
+                prepared.put(done)
+
+        worker = threading.Thread(target=producer, name="patchcore-preprocess", daemon=True)
+        worker.start()
+        try:
+            while True:
+                entry = prepared.get()
+                if entry is done:
+                    break
+                if entry[0] == "raise":
+                    raise entry[1]
+                if entry[0] == "error":
+                    yield entry[1], entry[2]
+                    continue
+                _, keys, batch, geos, preprocess_ms = entry
+                for key, result in zip(keys, self._infer(batch, geos, maps)):
+                    result.timing_ms = {"preprocess": preprocess_ms, **result.timing_ms}
+                    yield key, result
+        finally:
+            stop.set()
+            while worker.is_alive():
+                try:
+                    prepared.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.05)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _load_calibration(folder: Path, manifest: Dict[str, Any]) -> Any:
+    entry = manifest.get("calibration")
+    if not entry:
+        return None
+    from ..calibration.model import Calibration
+
+    path = folder / entry["file"]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Calibration.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BundleError(f"{path}: calibration is unreadable ({error}); roll it back with "
+                          "`patchcore-edge calibrate BUNDLE --rollback` or calibrate again") from None
