@@ -36,3 +36,34 @@ def elpv_images() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def make_nominal_folder(target: Path, count: int = 10, size: int = 96, seed: int = 0) -> Path:
+    """Small real images for exports: elpv solar cells when installed, else synthetic textures."""
+    import cv2
+
+    target.mkdir(parents=True, exist_ok=True)
+    source = elpv_images_dir()
+    if source is not None:
+        for path in sorted(source.glob("*.png"))[:count]:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            cv2.imwrite(str(target / path.name), cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
+        return target
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = (rng.normal(128, 20, (size, size, 3)) + 40 * np.sin(np.arange(size) / 5.0)[None, :, None])
+        cv2.imwrite(str(target / f"synthetic_{i:03d}.png"), np.clip(image, 0, 255).astype(np.uint8))
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle, exported once per test session: offline MobileNetV2 weights, 64x64 input, small bank."""
+    pytest.importorskip("torch")
+    from patchcore_edge.export.pipeline import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("tiny")
+    nominal = make_nominal_folder(root / "nominal", count=10, size=96)
+    options = ExportOptions(nominal_dir=nominal, output=root / "bundle", resize=72, crop=64, coreset_ratio=0.25,
+                            engine=False)
+    return export_bundle(options).bundle

@@ -24,11 +24,15 @@ def test_geometry_keeps_aspect_and_centres_crop() -> None:
 def test_map_back_to_image_geometry() -> None:
     spec = InputSpec(resize=64, crop=32)
     geo = geometry(128, 128, spec)
-    crop_map = np.ones((32, 32), np.float32)
+    crop_map = np.zeros((32, 32), np.float32)
+    crop_map[12:20, 12:20] = 1.0
+    crop_map[0, :] = 0.5
     full = map_to_image(crop_map, geo)
     assert full.shape == (128, 128)
-    # The crop covers the central half of the image; the border was never seen by the network.
-    assert full[64, 64] == pytest.approx(1.0) and full[2, 2] == 0.0
+    # The crop covers the central half of the image (scale 2): the hot square lands in the middle,
+    # and the unseen border repeats the nearest crop values instead of pretending to be normal.
+    assert full[64, 64] == pytest.approx(1.0) and full[40, 40] == 0.0
+    assert full[2, 64] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("resize, crop", [(10, 8), (64, 65), (5000, 224)])

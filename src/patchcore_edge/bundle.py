@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -177,9 +177,16 @@ def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
     return manifest
 
 
-def check_files(bundle_dir: Path, manifest: Mapping[str, Any]) -> None:
-    """Check that every listed file exists with the recorded size and sha256."""
+def calibration_files(manifest: Mapping[str, Any]) -> List[str]:
+    entry = manifest.get("calibration") or {}
+    return [name for name in (entry.get("file"), entry.get("previous")) if name]
+
+
+def check_files(bundle_dir: Path, manifest: Mapping[str, Any], skip: Sequence[str] = ()) -> None:
+    """Check that every listed file (but those in skip) exists with the recorded size and sha256."""
     for name, record in manifest["files"].items():
+        if name in skip:
+            continue
         path = bundle_dir / name
         if not path.is_file():
             raise BundleError(f"{path}: missing from the bundle; re-export the bundle or copy the whole folder again")

@@ -19,7 +19,17 @@ def main() -> None:
 def _register() -> None:
     from .export.cli import export_command
 
+    from .calibration.cli import calibrate_command
+    from .devices.cli import devices_group, engine_group
+    from .evaluation.cli import eval_command
+    from .runtime.cli import run_command
+
     main.add_command(export_command, "export")
+    main.add_command(run_command, "run")
+    main.add_command(eval_command, "eval")
+    main.add_command(calibrate_command, "calibrate")
+    main.add_command(devices_group, "devices")
+    main.add_command(engine_group, "engine")
 
 
 _register()

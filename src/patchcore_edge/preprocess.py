@@ -95,13 +95,16 @@ def preprocess(image_rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
 
-def map_to_image(crop_map: np.ndarray, geo: Geometry, fill: float = 0.0) -> np.ndarray:
+def map_to_image(crop_map: np.ndarray, geo: Geometry) -> np.ndarray:
     """A (crop, crop) map over the network input -> an (H, W) map over the original image.
 
-    Pixels outside the centre crop were never seen by the network and get `fill`.
+    The border outside the centre crop was never seen by the network; it takes the value of the nearest crop pixel
+    (edge replication) rather than zero, which would pass it off as confidently normal.
     """
-    canvas = np.full((geo.resized_height, geo.resized_width), fill, dtype=np.float32)
-    canvas[geo.top:geo.top + geo.crop, geo.left:geo.left + geo.crop] = crop_map
+    bottom = geo.resized_height - geo.top - geo.crop
+    right = geo.resized_width - geo.left - geo.crop
+    canvas = cv2.copyMakeBorder(np.asarray(crop_map, dtype=np.float32), geo.top, bottom, geo.left, right,
+                                cv2.BORDER_REPLICATE)
     if (geo.resized_height, geo.resized_width) == (geo.height, geo.width):
         return canvas
     return cv2.resize(canvas, (geo.width, geo.height), interpolation=cv2.INTER_LINEAR)

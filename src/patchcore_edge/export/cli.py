@@ -81,8 +81,6 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
         bars.close()
         raise click.ClickException(str(error)) from None
     bars.close()
-    for error in summary.skipped:
-        click.echo(f"skipped {error.path}: {error.reason}", err=True)
     rows: Dict[str, str] = {
         "bundle": str(summary.bundle),
         "images": f"{summary.images} used, {len(summary.skipped)} skipped",

@@ -77,17 +77,6 @@ def _quiet_log(message: str) -> None:
     pass
 
 
-def coreset_target(patches: int, ratio: float, size: Optional[int]) -> int:
-    """The number of bank vectors asked for by --coreset-size or --coreset-ratio, checked against the patch count."""
-    if size is not None:
-        if size < 1:
-            raise ExportError(f"--coreset-size must be at least 1, got {size}")
-        return min(size, patches)
-    if not 0.0 < ratio <= 1.0:
-        raise ExportError(f"--coreset-ratio must be in (0, 1], got {ratio}")
-    return max(1, int(round(patches * ratio)))
-
-
 def scan_nominal(nominal_dir: Path) -> Tuple[List[Path], List[ImageReadError]]:
     if not nominal_dir.is_dir():
         raise ExportError(f"{nominal_dir}: not a folder of nominal images")
@@ -149,10 +138,10 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     import torch
 
     from .. import search
-    from .backbones import WeightsNotFound
-    from .coreset import coverage_radius, greedy_coreset
+    from .backbones import BackboneError
+    from .coreset import CoresetInputError, coverage_radius, coreset_size, greedy_coreset
     from .features import build_extractor
-    from .onnx_export import OnnxParityError, check_onnx_parity, export_onnx
+    from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
 
     seconds: Dict[str, float] = {}
     output = Path(options.output)
@@ -167,7 +156,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     torch.manual_seed(options.seed)
     try:
         extractor, info = build_extractor(options.backbone, options.weights, spec, options.feature_dim)
-    except WeightsNotFound as error:
+    except BackboneError as error:
         raise ExportError(str(error)) from None
     extractor = extractor.to(options.device).eval()
 
@@ -182,13 +171,20 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         raise ExportError(f"{options.nominal_dir}: found {len(used)} usable image(s) (skipped {len(skipped)}); "
                           f"an export needs at least {MIN_IMAGES} images of good parts")
 
-    size = coreset_target(features.shape[0], options.coreset_ratio, options.coreset_size)
     start = time.perf_counter()
-    selected = greedy_coreset(features, size, projection_dim=options.projection_dim, seed=options.seed,
-                              device=options.device, progress=lambda done, total: progress("coreset", done, total))
+    try:
+        ratio = None if options.coreset_size is not None else options.coreset_ratio
+        size = coreset_size(features.shape[0], ratio=ratio, size=options.coreset_size)
+        selected = greedy_coreset(features, size, projection_dim=options.projection_dim, seed=options.seed,
+                                  device=options.device,
+                                  progress=lambda done, total: progress("coreset", done, total))
+    except CoresetInputError as error:
+        raise ExportError(f"coreset: {error}") from None
     seconds["coreset"] = time.perf_counter() - start
     bank = np.ascontiguousarray(features[selected], dtype=np.float32)
-    radius = coverage_radius(features, selected) if features.shape[0] <= 400_000 else None
+    # The exact radius costs a pass of N x size distances: worth it for a summary line up to a few hundred
+    # thousand patches, not beyond.
+    radius = coverage_radius(features, selected) if features.shape[0] * size <= 4e9 else None
     del features
 
     start = time.perf_counter()
@@ -203,6 +199,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                                seed=options.seed)
     seconds["index"] = time.perf_counter() - start
 
+    staged: Dict[str, Any] = {}  # what the staging step measured, for the summary
+
     def build(staging: Path) -> Dict[str, Any]:
         np.save(staging / "memory_bank.npy", bank, allow_pickle=False)
         np.save(staging / "bank_neighbours.npy", neighbours.astype(np.int32), allow_pickle=False)
@@ -211,16 +209,18 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
         start_onnx = time.perf_counter()
         onnx_path = staging / "features.onnx"
-        export_onnx(extractor.cpu(), onnx_path, spec)
         try:
+            export_onnx(extractor.cpu(), onnx_path, spec)
             parity = check_onnx_parity(extractor, onnx_path, np.stack(samples[: max(1, options.parity_images)]))
         except OnnxParityError as error:
             raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with torch: {error}") from None
+        except OnnxModelError as error:
+            raise ExportError(str(error)) from None
         seconds["onnx"] = time.perf_counter() - start_onnx
-        summary_box["parity"] = parity
+        staged["parity"] = parity
 
         engines: List[Dict[str, Any]] = []
-        summary_box["engine_note"] = _maybe_build_engine(options, onnx_path, info, staging, engines, log)
+        staged["engine_note"] = _maybe_build_engine(options, onnx_path, info, staging, engines, log)
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -254,13 +254,12 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
             "training_images": {"file": "training_images.json", "count": len(used)},
         }
 
-    summary_box: Dict[str, Any] = {}
     bundle_path = write_new_bundle(output, build, force=options.force)
     return ExportSummary(
         bundle=bundle_path, images=len(used), skipped=skipped, patches=len(used) * info.grid[0] * info.grid[1],
         coreset_size=int(bank.shape[0]), feature_dim=int(info.feature_dim), bank_mb=bank.nbytes / 2**20,
-        coverage_radius=radius, onnx_max_abs_diff=float(summary_box["parity"].max_abs),
-        engine_note=summary_box["engine_note"], seconds=seconds)
+        coverage_radius=radius, onnx_max_abs_diff=float(staged["parity"].max_abs),
+        engine_note=staged["engine_note"], seconds=seconds)
 
 
 def _maybe_build_engine(options: ExportOptions, onnx_path: Path, info: Any, staging: Path,
@@ -273,6 +272,9 @@ def _maybe_build_engine(options: ExportOptions, onnx_path: Path, info: Any, stag
     available, reason = trt.tensorrt_status()
     if not available:
         return f"TensorRT engine: skipped ({reason}); build it on the device with `patchcore-edge engine build`"
-    entry = trt.build_engine_into(staging, onnx_path, precision="fp16", log=log)
+    try:
+        entry = trt.build_engine_into(staging, onnx_path, precision="fp16", log=log)
+    except (trt.EngineBuildError, trt.TensorRTUnavailable, trt.CudaError) as error:
+        return f"TensorRT engine: not built ({error}); the bundle runs with ONNX Runtime"
     engines.append(entry)
     return f"TensorRT engine: {entry['file']}"

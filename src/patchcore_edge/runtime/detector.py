@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -17,7 +16,8 @@ from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from ..bundle import BundleError, load_array, read_manifest
+from ..bundle import BundleError, calibration_files, check_files, load_array, read_manifest
+from ..calibration.model import load_for_bundle
 from ..imageio import ImageReadError
 from ..preprocess import Geometry, InputSpec, geometry, map_to_image, preprocess
 from ..scoring import anomaly_map, image_scores
@@ -65,10 +65,17 @@ class Detector:
 
     @classmethod
     def load(cls, bundle_dir: Union[str, Path], backend: str = "auto", ef: Optional[int] = None,
-             exact_search: bool = False, threads: Optional[int] = None, verify: bool = True) -> "Detector":
-        """Validate and load a bundle. Raises BundleError naming the file and the fix when anything is off."""
+             exact_search: bool = False, threads: Optional[int] = None, verify: bool = True,
+             calibration: bool = True) -> "Detector":
+        """Validate and load a bundle. Raises BundleError naming the file and the fix when anything is off.
+
+        calibration=False ignores the bundle's calibration (decisions stay None): the calibrate command uses it,
+        so that it can replace a damaged calibration file.
+        """
         folder = Path(bundle_dir)
-        manifest = read_manifest(folder, verify_files=verify)
+        manifest = read_manifest(folder, verify_files=False)
+        if verify:
+            check_files(folder, manifest, skip=() if calibration else calibration_files(manifest))
         dim = int(manifest["features"]["dim"])
         size = int(manifest["coreset"]["size"])
         b = int(manifest["score"]["reweight_neighbours"])
@@ -79,7 +86,12 @@ class Detector:
         index = None if exact_search else load_index(folder / "index.hnsw", dim, size)
         search = PatchSearch(bank, index, ef=ef or int(manifest["index"]["ef"]), threads=threads)
         features_backend, note = open_backend(folder, manifest, backend, threads)
-        return cls(folder, manifest, features_backend, note, search, neighbours, _load_calibration(folder, manifest))
+        try:
+            current = load_for_bundle(folder, manifest) if calibration else None
+        except (OSError, ValueError) as error:
+            raise BundleError(f"{error}; roll the calibration back with `patchcore-edge calibrate BUNDLE --rollback` "
+                              "or calibrate again") from None
+        return cls(folder, manifest, features_backend, note, search, neighbours, current)
 
     # ------------------------------------------------------------------------------------------ prediction
 
@@ -120,7 +132,10 @@ class Detector:
                 result.normalised_score = float(self.calibration.normalise(result.score))
                 result.is_anomalous = bool(self.calibration.decide(result.score))
                 if result.anomaly_map is not None:
-                    result.mask = self.calibration.mask(result.anomaly_map)
+                    # A part judged good gets an empty mask: a map region above the pixel threshold on a part
+                    # below the image threshold would contradict the decision the line acts on.
+                    result.mask = (self.calibration.mask(result.anomaly_map) if result.is_anomalous
+                                   else np.zeros(result.anomaly_map.shape, dtype=bool))
             result.timing_ms = {"features": features_ms, "search_score": search_ms, "map": map_ms}
             results.append(result)
         return results
@@ -200,18 +215,3 @@ class Detector:
 
     def close(self) -> None:
         self.backend.close()
-
-
-def _load_calibration(folder: Path, manifest: Dict[str, Any]) -> Any:
-    entry = manifest.get("calibration")
-    if not entry:
-        return None
-    from ..calibration.model import Calibration
-
-    path = folder / entry["file"]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return Calibration.from_dict(data)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise BundleError(f"{path}: calibration is unreadable ({error}); roll it back with "
-                          "`patchcore-edge calibrate BUNDLE --rollback` or calibrate again") from None

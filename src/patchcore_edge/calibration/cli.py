@@ -1,0 +1,147 @@
+"""`patchcore-edge calibrate`: set thresholds from good (and defect) parts, check them, roll them back.
+
+    patchcore-edge calibrate BUNDLE NOMINAL_DIR [--defects DIR [--masks DIR]] [--false-alarm-rate 0.01]
+                             [--confidence 0.95] [--optimise f1|recall] [--report-dir DIR]
+    patchcore-edge calibrate BUNDLE --rollback
+    patchcore-edge calibrate BUNDLE --check NEW_NOMINAL_DIR
+
+Exit status: 0 done; 1 error (message says what to do); 3 --check found the false-alarm rate above the target.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+CHECK_FAILED_EXIT = 3
+
+
+class _Progress:
+    """One progress bar per scored folder, on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+        self.stage: Optional[str] = None
+        self.done = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if stage != self.stage:
+            self.close()
+            self.bar = click.progressbar(length=total, label=f"scoring {stage} images",
+                                         file=sys.stderr, show_pos=True)
+            self.bar.__enter__()
+            self.stage, self.done = stage, 0
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+            self.stage = None
+
+
+def _echo_findings(findings: Any) -> None:
+    from .report import findings_text
+
+    for line in findings_text(findings):
+        click.echo(line.strip() if not line.startswith("      ") else line, err=True)
+
+
+@click.command("calibrate")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("nominal_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--defects", "defects_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of defective parts (sub-folders allowed): reports recall, enables --optimise.")
+@click.option("--masks", "masks_dir", type=click.Path(path_type=Path), default=None,
+              help="Defect masks, same sub-folders as --defects, named <stem>_mask.png or <stem>.png: sets the "
+                   "pixel threshold by best pixel F1.")
+@click.option("--false-alarm-rate", default=0.01, show_default=True, type=float,
+              help="Largest acceptable fraction of good parts flagged as defective.")
+@click.option("--confidence", default=0.95, show_default=True, type=float,
+              help="How sure the false-alarm guarantee must be.")
+@click.option("--optimise", type=click.Choice(["f1", "recall"]), default=None,
+              help="With --defects: f1 = best image F1 (may break the false-alarm target); recall = highest recall "
+                   "that keeps the target (the default threshold).")
+@click.option("--min-defect-area", type=int, default=None,
+              help="Smallest defect region shown in masks, in image pixels (default: a quarter of a feature cell).")
+@click.option("--report-dir", type=click.Path(path_type=Path), default=None,
+              help="Write histogram.png, scores.csv and summary.txt here.")
+@click.option("--rollback", is_flag=True, help="Swap back to the previous calibration.")
+@click.option("--check", "check_dir", type=click.Path(path_type=Path), default=None, metavar="NEW_NOMINAL_DIR",
+              help="Score new good parts against the current calibration; the bundle is not changed.")
+@click.option("--dry-run", is_flag=True, help="Compute and report, but do not write into the bundle.")
+@click.option("--backend", default="auto", show_default=True, help="Feature backend (auto, onnxruntime, tensorrt).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 256))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Optional[Path],
+                      masks_dir: Optional[Path], false_alarm_rate: float, confidence: float, optimise: Optional[str],
+                      min_defect_area: Optional[int], report_dir: Optional[Path], rollback: bool,
+                      check_dir: Optional[Path], dry_run: bool, backend: str, batch_size: int, quiet: bool) -> None:
+    """Set the thresholds of BUNDLE from images of good parts in NOMINAL_DIR (and defects, optionally).
+
+    The image threshold keeps the false-alarm rate at or below --false-alarm-rate with the stated --confidence,
+    whatever the score distribution (that needs ~300 good images for 1 % at 95 %; with fewer, the highest good
+    score is used and the rate it does guarantee is reported).
+    """
+    from ..bundle import BundleError, read_manifest
+    from . import calibrate as flow
+    from . import report
+    from .model import CalibrationError
+
+    modes = sum([rollback, check_dir is not None, nominal_dir is not None])
+    if modes == 0:
+        hint = " (--defects alone is not enough: thresholds are set from good parts)" if defects_dir else ""
+        raise click.UsageError(f"give NOMINAL_DIR, a folder of images of good parts{hint}; or --check DIR; "
+                               "or --rollback")
+    if modes > 1:
+        raise click.UsageError("use one of: NOMINAL_DIR (calibrate), --check DIR, --rollback")
+    progress = _Progress(quiet)
+    try:
+        if rollback:
+            current, previous = flow.rollback(bundle)
+            click.echo(f"rolled back: {current} is now the current calibration ({previous} kept as previous; "
+                       "--rollback again to undo)")
+            return
+        manifest = read_manifest(bundle)
+        detector = flow.load_detector(bundle, backend)
+        try:
+            if check_dir is not None:
+                outcome = flow.check(detector, manifest, bundle, check_dir, batch_size=batch_size, progress=progress)
+                progress.close()
+                _echo_findings(outcome.findings)
+                click.echo(report.check_summary(outcome, findings=False), nl=False)
+                if report_dir is not None:
+                    report.write_check_report(report_dir, outcome)
+                    click.echo(f"report: {report_dir}")
+                if outcome.verdict == "above target":
+                    click.get_current_context().exit(CHECK_FAILED_EXIT)
+                return
+            assert nominal_dir is not None
+            result = flow.calibrate(detector, manifest, bundle, nominal_dir, defects_dir, masks_dir,
+                                    false_alarm_rate=false_alarm_rate, confidence=confidence, optimise=optimise,
+                                    min_defect_area=min_defect_area, batch_size=batch_size, progress=progress)
+        finally:
+            progress.close()
+            close = getattr(detector, "close", None)
+            if close is not None:
+                close()
+        if not dry_run:
+            result.written = flow.write_calibration(bundle, result.calibration)
+        _echo_findings(result.findings)
+        click.echo(report.calibration_summary(result, findings=False), nl=False)
+        if report_dir is not None:
+            report.write_report(report_dir, result)
+            click.echo(f"report: {report_dir}")
+    except (CalibrationError, BundleError) as error:
+        progress.close()
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        progress.close()
+        raise click.ClickException(f"{getattr(error, 'filename', '') or ''}: {error.strerror or error}") from None

@@ -1,0 +1,246 @@
+"""How much memory a bundle needs at run time on a board, and whether that fits the board's share.
+
+Jetson boards share one DRAM between CPU and GPU, so everything is added into one figure and compared with a
+fraction of the board's memory (the profile's `memory_budget_fraction`: the OS, the camera pipeline and the
+application need the rest).
+
+Components (bytes):
+- bank: memory_bank.npy (float32 [M, D]) plus the search's squared norms (float32 [M]);
+- index: hnswlib's resident size, from its data layout (hnswalg.h): per element the vector, 2*M level-0 links,
+  label, pointer, level, per-element lock and label-map entry; upper-level links for the expected
+  1/(M-1) upper levels per element; a visited list per search thread; the fixed label-lock table.
+  `index_file_bytes` gives the on-disk part of the same layout (a test checks it against real index files);
+- neighbours: bank_neighbours.npy (int32 [M, b]);
+- model: ONNX Runtime keeps the weights plus pre-packed copies (measured: about 3.6x the .onnx size); a
+  TensorRT engine keeps its serialised size on the device;
+- activations: tensors alive at once during inference. With the `onnx` package importable, a liveness analysis
+  of the graph (shape inference at the batch size, peak of the sum of live tensors, input and output
+  included) times the ORT arena factor; without it, a multiple of the input batch;
+- runtime overhead: the interpreter with numpy, OpenCV, hnswlib and onnxruntime imported plus an ORT session's
+  fixed part, and for TensorRT the CUDA context and TensorRT/cuDNN/cuBLAS libraries.
+
+Measured once (x86-64, 2 cores, onnxruntime 1.32 CPU, MobileNetV2 and ResNet-18 feature models exported by
+`patchcore_edge.export`, 224 px; VmRSS growth, median of one process per case):
+  mobilenet_v2 (2.1 MiB onnx): session +16.5 MiB; inference b=1 +18.3 MiB (liveness peak 9.2), b=4 +49.2 (36.8)
+  resnet18 (10.6 MiB onnx):    session +47.2 MiB; inference b=1 +14.4 MiB (liveness peak 6.1), b=4 +34.3 (24.5)
+hence session = 8 MiB + 3.6 x onnx, activations <= 1.3 x liveness peak + 8 MiB, and the liveness peak is 10-16x
+the input batch for these backbones.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from .profiles import Profile
+
+MIB = 1 << 20
+# Measured on x86-64 (python 3.11, numpy 2.4, opencv 4.x, hnswlib 0.8, onnxruntime 1.32): VmRSS after
+# `import numpy, cv2, hnswlib, onnxruntime, click` = 61 MiB; rounded up for the application around it.
+PYTHON_RUNTIME_BYTES = 100 * MIB
+ORT_SESSION_BYTES = 8 * MIB
+ORT_MODEL_FACTOR = 4.0
+ORT_ARENA_FACTOR = 1.3
+ORT_ARENA_EXTRA_BYTES = 8 * MIB
+ACTIVATION_INPUT_FACTOR = 16.0
+# NOT measured here (no GPU in this project's CI): CUDA context plus TensorRT, cuDNN and cuBLAS libraries
+# mapped into the process on a Jetson. An assumption to check with `tegrastats` on the board.
+TENSORRT_RUNTIME_BYTES = 800 * MIB
+_HNSW_HEADER_BYTES = 96
+_HNSW_LABEL_LOCKS = 65536
+_MUTEX_BYTES = 40
+_LABEL_MAP_ENTRY_BYTES = 40
+
+
+def _hnsw_upper_levels(m: int) -> float:
+    """Expected upper levels per element: level ~ floor(-ln(U) / ln(M)), so P(level >= l) = M^-l."""
+    return 1.0 / (m - 1)
+
+
+def index_file_bytes(count: int, dim: int, m: int) -> int:
+    """Expected size of an hnswlib index file (saveIndex): header, level-0 block, per-element upper links."""
+    level0 = 2 * m * 4 + 4 + dim * 4 + 8
+    upper = (m * 4 + 4) * _hnsw_upper_levels(m)
+    return int(_HNSW_HEADER_BYTES + count * (level0 + 4) + count * upper)
+
+
+def index_resident_bytes(count: int, dim: int, m: int, search_threads: int = 1) -> int:
+    level0 = 2 * m * 4 + 4 + dim * 4 + 8
+    per_element = level0 + 8 + 4 + _MUTEX_BYTES + _LABEL_MAP_ENTRY_BYTES
+    upper = (m * 4 + 4 + 16) * _hnsw_upper_levels(m)
+    visited = 2 * count * max(1, search_threads)
+    return int(count * (per_element + upper) + visited + _HNSW_LABEL_LOCKS * _MUTEX_BYTES)
+
+
+def onnx_peak_activation_bytes(onnx_path: Path, batch: int) -> Optional[int]:
+    """Peak bytes of intermediate tensors alive at once (liveness over the topologically sorted graph).
+
+    None where the `onnx` package is missing or a shape stays unknown after shape inference.
+    """
+    try:
+        import onnx
+        from onnx import shape_inference
+    except ImportError:
+        return None
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception:  # onnx raises DecodeError and others for a broken file; the caller falls back
+        return None
+    initializers = {init.name for init in model.graph.initializer}
+    for graph_input in model.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        if len(dims) > 0 and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = int(batch)
+    try:
+        # data_prop follows shape arithmetic (Shape -> Concat -> Resize sizes) that plain inference leaves open.
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return None
+    sizes: Dict[str, int] = {}
+    itemsize = {1: 4, 10: 2, 11: 8, 6: 4, 7: 8, 9: 1, 2: 1, 3: 1}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tensor = info.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        if any(d < 0 for d in dims):
+            continue
+        sizes[info.name] = int(math.prod(dims)) * itemsize.get(tensor.elem_type, 4)
+    nodes = list(inferred.graph.node)
+    last_use: Dict[str, int] = {}
+    for position, node in enumerate(nodes):
+        for name in node.input:
+            last_use[name] = position
+    outputs = {o.name for o in inferred.graph.output}
+    live: Dict[str, int] = {}
+    for graph_input in inferred.graph.input:
+        if graph_input.name not in initializers and graph_input.name in sizes:
+            live[graph_input.name] = sizes[graph_input.name]
+    peak = sum(live.values())
+    for position, node in enumerate(nodes):
+        for name in node.output:
+            if not name:
+                continue
+            if name not in sizes:
+                if node.op_type in ("Constant", "Shape", "Gather", "Unsqueeze", "Concat", "Cast", "Slice"):
+                    continue  # small shape arithmetic; its size does not matter
+                return None
+            live[name] = sizes[name]
+        peak = max(peak, sum(live.values()))
+        for name in list(live):
+            if last_use.get(name, -1) <= position and name not in outputs:
+                del live[name]
+    return peak
+
+
+def _model_file_bytes(manifest: Mapping[str, Any], name: Optional[str]) -> int:
+    if name is None:
+        return 0
+    record = manifest.get("files", {}).get(name)
+    return int(record["bytes"]) if isinstance(record, dict) and "bytes" in record else 0
+
+
+def estimate_memory(manifest: Mapping[str, Any], profile: Profile, *, variant: Optional[str] = None,
+                    batch: Optional[int] = None, backend: Optional[str] = None,
+                    bundle_dir: Optional[Path] = None, memory_total_mb: Optional[int] = None,
+                    search_threads: int = 1) -> Dict[str, Any]:
+    """Memory of the bundle on the profile's board, by component, with the budget and a warning if it does not fit.
+
+    `backend`: "onnxruntime" or "tensorrt" (default: the profile's, ONNX Runtime where it builds no engine);
+    `batch`: images per inference (default: the profile's max_batch); `memory_total_mb`: the machine's memory
+    where the profile has no fixed size (workstation, cpu-only; `devices detect` reads it).
+    """
+    defaults = profile.defaults
+    chosen_backend = backend or str(defaults.get("backend") or "onnxruntime")
+    if chosen_backend == "tensorrt" and not profile.engines_supported:
+        chosen_backend = "onnxruntime"
+    images = int(batch or defaults.get("max_batch") or 1)
+    features = manifest["features"]
+    count = int(manifest["coreset"]["size"])
+    dim = int(features["dim"])
+    m = int(manifest["index"]["M"])
+    b = int(manifest["score"]["reweight_neighbours"])
+    crop = int(manifest["input"]["crop"])
+    grid_h, grid_w = (int(g) for g in features["grid"])
+    assumptions: List[str] = []
+
+    onnx_name = str(features.get("onnx_file", "features.onnx"))
+    onnx_bytes = _model_file_bytes(manifest, onnx_name)
+    if chosen_backend == "tensorrt":
+        engines = [e for e in manifest.get("engines", []) if e.get("device") == profile.name]
+        if engines:
+            model = max(_model_file_bytes(manifest, e.get("file")) for e in engines)
+        else:
+            precision = str(defaults.get("precision") or "fp16")
+            model = int(onnx_bytes * {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}.get(precision, 0.5))
+            assumptions.append(f"no engine for {profile.name} in the bundle: engine size taken as the ONNX "
+                               f"weights at {precision}")
+        runtime_overhead = PYTHON_RUNTIME_BYTES + TENSORRT_RUNTIME_BYTES
+        assumptions.append("TensorRT/CUDA libraries taken as 800 MiB (assumption, check with tegrastats)")
+    else:
+        model = int(onnx_bytes * ORT_MODEL_FACTOR)
+        runtime_overhead = PYTHON_RUNTIME_BYTES + ORT_SESSION_BYTES
+
+    input_bytes = images * 3 * crop * crop * 4
+    output_bytes = images * grid_h * grid_w * dim * 4
+    peak: Optional[int] = None
+    if bundle_dir is not None:
+        peak = onnx_peak_activation_bytes(Path(bundle_dir) / onnx_name, images)
+    if peak is None:
+        peak = int(ACTIVATION_INPUT_FACTOR * input_bytes)
+        assumptions.append(f"activations taken as {ACTIVATION_INPUT_FACTOR:g}x the input batch (install `onnx` "
+                           "for a liveness analysis of the model graph)")
+    if chosen_backend == "tensorrt":
+        # The execution context's device memory (TensorRT reuses buffers at least as well as the liveness
+        # bound) plus the host-side input and output arrays.
+        activations = peak + input_bytes + output_bytes
+    else:
+        activations = int(ORT_ARENA_FACTOR * peak) + ORT_ARENA_EXTRA_BYTES
+
+    components = {
+        "bank": count * dim * 4 + count * 4,
+        "index": index_resident_bytes(count, dim, m, search_threads),
+        "neighbours": count * b * 4,
+        "model": model,
+        "activations": activations,
+        "runtime_overhead": runtime_overhead,
+    }
+    total = sum(components.values())
+    chosen_variant = profile.variant(variant)
+    memory_gb = chosen_variant.memory_gb
+    fraction = float(defaults.get("memory_budget_fraction", 0.5))
+    if memory_gb is not None:
+        budget: Optional[int] = int(float(memory_gb) * 1024 * MIB * fraction)
+        where = f"{profile.name} {chosen_variant.name}"
+    elif memory_total_mb is not None:
+        budget = int(memory_total_mb * MIB * fraction)
+        where = f"this machine ({memory_total_mb} MB)"
+    else:
+        budget = None
+        where = profile.name
+    warning: Optional[str] = None
+    fits: Optional[bool] = None
+    if budget is not None:
+        fits = total <= budget
+        if not fits:
+            warning = (f"needs about {total / MIB:.0f} MiB, more than the {budget / MIB:.0f} MiB budget of {where} "
+                       f"({fraction:.0%} of its memory): re-export with a smaller coreset (now {count} x {dim}), "
+                       "a smaller backbone or batch, or pick a larger board")
+    return {"device": profile.name, "variant": chosen_variant.name, "backend": chosen_backend, "batch": images,
+            "components": components, "total": total, "budget": budget, "fits": fits, "warning": warning,
+            "assumptions": assumptions}
+
+
+def format_estimate(estimate: Mapping[str, Any]) -> str:
+    lines = [f"memory estimate for {estimate['device']} ({estimate['variant']}), backend {estimate['backend']}, "
+             f"batch {estimate['batch']}:"]
+    for name, value in estimate["components"].items():
+        lines.append(f"  {name:<17} {value / MIB:10.1f} MiB")
+    lines.append(f"  {'total':<17} {estimate['total'] / MIB:10.1f} MiB")
+    if estimate["budget"] is not None:
+        lines.append(f"  {'budget':<17} {estimate['budget'] / MIB:10.1f} MiB -> "
+                     + ("fits" if estimate["fits"] else "DOES NOT FIT"))
+    else:
+        lines.append("  budget            unknown (no memory size for this device: pass --memory-mb)")
+    for note in estimate["assumptions"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)

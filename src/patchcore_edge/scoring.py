@@ -1,0 +1,165 @@
+"""PatchCore scores from patch features: exact image score via a provable re-rank, re-weighting, pixel map.
+
+Why the re-rank is exact: `PatchSearch.nearest` returns, for every patch, the distance to *some* bank row
+(the one hnswlib found), so each approximate distance a_i is >= the exact nearest distance e_i. Patches are
+sorted by a_i; the top r are searched exactly. If the largest exact value found, E, is >= a_j for every
+patch j not yet searched, then e_j <= a_j <= E for all of them, so E is the exact maximum over the image.
+Patches tied with E (a_j == E) are searched too, so that the patch chosen as p* (first index attaining the
+maximum) is the one a full exact search would choose. Otherwise r doubles (capped at the patches whose a_j
+still reaches E) until the condition holds, at worst after every patch was searched exactly.
+
+Runs on the device: numpy and OpenCV only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import cv2
+import numpy as np
+
+from .search import PatchSearch, row_distances
+
+DEFAULT_RERANK = 8
+DEFAULT_SIGMA = 4.0
+
+
+@dataclass(frozen=True)
+class PatchScores:
+    """Scores of one image.
+
+    score: PatchCore image score, weight * max_distance.
+    max_distance: s* = max over patches of the exact nearest-bank distance.
+    patch_distances: float32 [P] nearest-bank distance per patch; exact for the `reranked` patches checked
+        exactly (always including the maximum), hnswlib's (never smaller than exact) for the others.
+    argmax: index of p* among the P patches. nearest_bank_index: m*, the bank row nearest to p*.
+    reranked: how many patches were searched exactly. weight: the re-weighting factor w.
+    """
+
+    score: float
+    max_distance: float
+    patch_distances: np.ndarray
+    argmax: int
+    nearest_bank_index: int
+    reranked: int
+    weight: float
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+    """Kernel size of the PatchCore reference: radius int(4 sigma + 0.5) (scipy's truncate=4), 33 for sigma 4."""
+    return 2 * int(4.0 * sigma + 0.5) + 1
+
+
+def reweight(neighbour_distances: np.ndarray) -> np.ndarray:
+    """PatchCore weight w = 1 - exp(d_0) / sum_j exp(d_j) per row of distances [..., b] (d_0: p* to m*).
+
+    Computed as a shifted softmax in float64 so large distances cannot overflow. With b == 1 the paper's
+    formula would give w = 0; there is no neighbourhood to compare with, so the weight is 1 (no re-weighting,
+    as anomalib does for num_neighbors == 1).
+    """
+    d = np.asarray(neighbour_distances, dtype=np.float64)
+    if d.shape[-1] == 1:
+        return np.ones(d.shape[:-1], dtype=np.float64)
+    shifted = np.exp(d - d.max(axis=-1, keepdims=True))
+    weights: np.ndarray = 1.0 - shifted[..., 0] / shifted.sum(axis=-1)
+    return weights
+
+
+def image_score(patch_features: np.ndarray, search: PatchSearch, reweight_neighbours: np.ndarray,
+                rerank: int = DEFAULT_RERANK) -> PatchScores:
+    """Exact PatchCore score of one image from its patch features [P, D]."""
+    features = np.asarray(patch_features)
+    if features.ndim != 2:
+        raise ValueError(f"patch features must have shape [P, D], got {features.shape}")
+    return image_scores(features[None], search, reweight_neighbours, rerank)[0]
+
+
+def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neighbours: np.ndarray,
+                 rerank: int = DEFAULT_RERANK) -> List[PatchScores]:
+    """Exact PatchCore scores of a batch [B, P, D]: one hnswlib query for all B*P patches, then re-rank
+    rounds that search the patches of all unfinished images in one exact call each."""
+    features = np.asarray(patch_features)
+    if features.ndim != 3 or features.shape[1] < 1 or features.shape[2] != search.dim:
+        raise ValueError(f"patch features must have shape [B, P, {search.dim}], got {features.shape}")
+    if rerank < 1:
+        raise ValueError(f"rerank must be >= 1, got {rerank}")
+    neighbours = np.asarray(reweight_neighbours)
+    if neighbours.ndim != 2 or neighbours.shape[0] != search.count or neighbours.shape[1] < 1:
+        raise ValueError(f"re-weighting neighbours must have shape [{search.count}, b], got {neighbours.shape}")
+    batch, patches, dim = features.shape
+    if batch == 0:
+        return []
+    flat = np.ascontiguousarray(features.reshape(batch * patches, dim), dtype=np.float32)
+
+    approx, approx_idx = search.nearest(flat)
+    approx = approx.reshape(batch, patches)
+    distances = approx.copy()
+    nearest = approx_idx.reshape(batch, patches).copy()
+    order = np.argsort(-approx, axis=1, kind="stable")
+    # Without an index every distance is already exact: nothing to re-rank.
+    done = np.full(batch, patches if search.is_exact else 0, dtype=np.int64)
+    target = np.full(batch, patches if search.is_exact else min(rerank, patches), dtype=np.int64)
+
+    while (target > done).any():
+        images = np.flatnonzero(target > done)
+        rows = [order[i, done[i]:target[i]] for i in images]
+        which = np.repeat(images, [len(r) for r in rows])
+        cols = np.concatenate(rows)
+        exact, exact_idx = search.exact_nearest(flat[which * patches + cols])
+        # Keep hnswlib's row where it is strictly closer: both are true distances to bank rows, and this
+        # keeps "exact <= approximate" even where rounding in the BLAS expansion picked a near-tie. Equal
+        # distances take the exact search's row, as a full exact search would.
+        better = exact <= approx[which, cols]
+        distances[which, cols] = np.where(better, exact, approx[which, cols])
+        nearest[which, cols] = np.where(better, exact_idx, nearest[which, cols])
+        done[images] = target[images]
+        for i in images:
+            best = distances[i, order[i, :done[i]]].max()
+            # Patches still able to reach `best` (a_j >= best) are a prefix of the order.
+            reachable = int(np.count_nonzero(approx[i] >= best))
+            target[i] = done[i] if reachable <= done[i] else min(2 * done[i], reachable)
+
+    argmax = distances.argmax(axis=1)
+    image_rows = np.arange(batch)
+    s_star = distances[image_rows, argmax]
+    m_star = nearest[image_rows, argmax]
+    support = neighbours[m_star].astype(np.int64)
+    if support.min() < 0 or support.max() >= search.count:
+        raise ValueError("re-weighting neighbours hold row numbers outside the memory bank")
+    b = support.shape[1]
+    p_star = np.repeat(flat[image_rows * patches + argmax], b, axis=0)
+    neighbour_distances = row_distances(p_star, search.bank[support.ravel()]).reshape(batch, b)
+    # Column 0 is m* itself; use s* so that the formula sees exactly the score's distance.
+    neighbour_distances[:, 0] = s_star
+    weights = reweight(neighbour_distances).astype(np.float32)
+    scores = weights * s_star
+    return [PatchScores(score=float(scores[i]), max_distance=float(s_star[i]),
+                        patch_distances=distances[i].copy(), argmax=int(argmax[i]),
+                        nearest_bank_index=int(m_star[i]), reranked=int(done[i]), weight=float(weights[i]))
+            for i in range(batch)]
+
+
+def anomaly_map(patch_distances: np.ndarray, crop: int, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
+    """Patch distances [h, w] -> float32 [crop, crop] pixel anomaly map.
+
+    As amazon-science/patchcore-inspection (RescaleSegmentor): bilinear upsampling with half-pixel centres
+    (OpenCV INTER_LINEAR == torch interpolate(mode="bilinear", align_corners=False)), then a Gaussian blur
+    with sigma in crop pixels, kernel 2 * int(4 sigma + 0.5) + 1 and scipy.ndimage's "reflect" border
+    (edge pixel repeated: OpenCV BORDER_REFLECT). anomalib differs: nearest upsampling and torch "reflect"
+    (edge not repeated, BORDER_REFLECT_101). sigma <= 0 skips the blur.
+    """
+    grid = np.asarray(patch_distances)
+    if grid.ndim != 2 or grid.shape[0] < 1 or grid.shape[1] < 1:
+        raise ValueError(f"patch distances must be a 2-D grid [h, w], got shape {grid.shape}")
+    if int(crop) < 1:
+        raise ValueError(f"crop must be >= 1, got {crop}")
+    grid = np.ascontiguousarray(grid, dtype=np.float32)
+    if not np.isfinite(grid).all():
+        raise ValueError("patch distances contain NaN or infinite values")
+    upsampled = cv2.resize(grid, (int(crop), int(crop)), interpolation=cv2.INTER_LINEAR)
+    if sigma <= 0:
+        return upsampled
+    size = gaussian_kernel_size(float(sigma))
+    return cv2.GaussianBlur(upsampled, (size, size), sigmaX=float(sigma), sigmaY=float(sigma),
+                            borderType=cv2.BORDER_REFLECT)
