@@ -21,7 +21,7 @@ from ..calibration.model import load_for_bundle
 from ..imageio import ImageReadError
 from ..preprocess import Geometry, InputSpec, geometry, map_to_image, preprocess
 from ..scoring import anomaly_map, image_scores
-from ..search import PatchSearch, load_index
+from ..search import IndexFileError, PatchSearch, load_index, validate_neighbours
 from .backends import FeatureBackend, open_backend
 
 
@@ -81,10 +81,14 @@ class Detector:
         b = int(manifest["score"]["reweight_neighbours"])
         bank = load_array(folder, "memory_bank.npy", np.float32, (size, dim))
         neighbours = load_array(folder, "bank_neighbours.npy", np.int32, (size, b))
-        if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= size):
-            raise BundleError(f"{folder / 'bank_neighbours.npy'}: indices outside the memory bank; re-export")
-        index = None if exact_search else load_index(folder / "index.hnsw", dim, size)
-        search = PatchSearch(bank, index, ef=ef or int(manifest["index"]["ef"]), threads=threads)
+        try:
+            neighbours = validate_neighbours(neighbours, size)
+            index = None if exact_search else load_index(folder / "index.hnsw", dim, size, bank=bank)
+            search = PatchSearch(bank, index, ef=ef or int(manifest["index"]["ef"]), threads=threads)
+        except IndexFileError as error:
+            raise BundleError(f"{error}; re-export the bundle") from None
+        except ValueError as error:
+            raise BundleError(f"{folder}: {error}; re-export the bundle") from None
         features_backend, note = open_backend(folder, manifest, backend, threads)
         try:
             current = load_for_bundle(folder, manifest) if calibration else None
