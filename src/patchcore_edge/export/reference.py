@@ -31,15 +31,26 @@ def gaussian_kernel_1d(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def _pad_symmetric(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Pad by mirroring with the edge pixel repeated (scipy.ndimage "reflect", OpenCV BORDER_REFLECT)."""
+    size = x.shape[dim]
+    if radius > size:  # wider than one mirror: not needed for maps of at least 16 pixels; refuse to guess
+        raise ValueError(f"Gaussian radius {radius} exceeds the map size {size}")
+    before = x.narrow(dim, 0, radius).flip(dim)
+    after = x.narrow(dim, size - radius, radius).flip(dim)
+    return torch.cat([before, x, after], dim=dim)
+
+
 def smooth(crop_map: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect-101 borders (torch 'reflect' == OpenCV's default border)."""
+    """Separable Gaussian blur, kernel 2 * int(4 sigma + 0.5) + 1, edge-repeating mirror border (PatchCore's
+    scipy.ndimage.gaussian_filter)."""
     if sigma <= 0:
         return crop_map
     kernel = gaussian_kernel_1d(sigma).to(crop_map.dtype)
     radius = kernel.numel() // 2
     x = crop_map[None, None]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    x = F.conv2d(_pad_symmetric(x, radius, 3), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(_pad_symmetric(x, radius, 2), kernel.view(1, 1, -1, 1))
     return x[0, 0]
 
 
