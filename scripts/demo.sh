@@ -17,6 +17,8 @@ fi
 echo "== export: $DATA/train/good -> $OUT/bundle"
 patchcore-edge export "$DATA/train/good" -o "$OUT/bundle" --force
 echo "== run: $DATA/test -> $OUT/run (JSON lines + heat maps)"
-patchcore-edge run "$OUT/bundle" "$DATA/test" -o "$OUT/run" --batch-size 1 || true
+mkdir -p "$OUT/run"
+patchcore-edge run "$OUT/bundle" "$DATA/test" -o "$OUT/run" --jsonl "$OUT/run/results.jsonl"
+echo "first result line:"; head -n 1 "$OUT/run/results.jsonl"
 echo "== eval: $DATA"
 patchcore-edge eval "$OUT/bundle" "$DATA" --report "$OUT/eval.json" --pixel-size 256
