@@ -10,41 +10,14 @@ Exit status: 0 done; 1 error (message says what to do); 3 --check found the fals
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import click
 
+from ..progress import StageBars
+
 CHECK_FAILED_EXIT = 3
-
-
-class _Progress:
-    """One progress bar per scored folder, on stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bar: Any = None
-        self.stage: Optional[str] = None
-        self.done = 0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        if stage != self.stage:
-            self.close()
-            self.bar = click.progressbar(length=total, label=f"scoring {stage} images",
-                                         file=sys.stderr, show_pos=True)
-            self.bar.__enter__()
-            self.stage, self.done = stage, 0
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-            self.stage = None
 
 
 def _echo_findings(findings: Any) -> None:
@@ -102,7 +75,7 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
                                "or --rollback")
     if modes > 1:
         raise click.UsageError("use one of: NOMINAL_DIR (calibrate), --check DIR, --rollback")
-    progress = _Progress(quiet)
+    progress = StageBars(label=lambda stage: f"scoring {stage} images", quiet=quiet)
     try:
         if rollback:
             current, previous = flow.rollback(bundle)

