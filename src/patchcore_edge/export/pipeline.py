@@ -15,6 +15,7 @@ import numpy as np
 from .. import __version__
 from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, write_new_bundle
 from ..imageio import ImageReadError, decode_rgb, list_images
+from ..calibration.thresholds import quantiles
 from ..preprocess import InputSpec
 
 # Fewer good images than this cannot describe "normal": refuse rather than ship a bundle that alarms on everything.
@@ -141,6 +142,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     from .backbones import BackboneError
     from .coreset import CoresetInputError, coverage_radius, coreset_size, greedy_coreset
     from .features import build_extractor
+    from .heldout import leave_one_image_out_scores
     from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
 
     seconds: Dict[str, float] = {}
@@ -185,11 +187,13 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     # The exact radius costs a pass of N x size distances: worth it for a summary line up to a few hundred
     # thousand patches, not beyond.
     radius = coverage_radius(features, selected) if features.shape[0] * size <= 4e9 else None
-    del features
 
     start = time.perf_counter()
     b = min(options.reweight_neighbours, bank.shape[0])
     neighbours = search.bank_neighbours(bank, b)
+    patches_per_image = info.grid[0] * info.grid[1]
+    held_out = leave_one_image_out_scores(features, patches_per_image, selected, bank, neighbours)
+    del features
     index_params = {
         "M": options.hnsw_m or search.DEFAULT_M,
         "ef_construction": options.ef_construction or search.DEFAULT_EF_CONSTRUCTION,
@@ -248,7 +252,9 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
             },
             "index": {"library": "hnswlib", "space": "l2", **index_params, "seed": int(options.seed)},
             "score": {"method": "patchcore", "distance": "euclidean", "reweight_neighbours": int(b),
-                      "rerank": int(options.rerank), "gaussian_sigma": float(options.gaussian_sigma)},
+                      "rerank": int(options.rerank), "gaussian_sigma": float(options.gaussian_sigma),
+                      # Quantiles of training images scored without their own bank rows (export/heldout.py).
+                      "training_scores": quantiles(held_out) if held_out.size else None},
             "engines": engines,
             "calibration": None,
             "training_images": {"file": "training_images.json", "count": len(used)},
