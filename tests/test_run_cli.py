@@ -92,7 +92,7 @@ def test_folder_run_scores_in_order_writes_maps_and_reports_the_bad_file(
     assert not (out / "parts" / "good" / "broken.heatmap.png").exists()
 
     run_info = json.loads((out / "run.json").read_text())
-    assert run_info["map_scale"]["source"] == "manifest coreset.coverage_radius x 2"
+    assert run_info["map_scale"]["source"] == "manifest score.training_scores max x 2"
     assert run_info["summary"]["failures"] == 1
     assert "failed inputs      1" in result.stderr and "images scored      3" in result.stderr
     assert "notes.txt" in result.stderr  # skipped, said so, not a failure

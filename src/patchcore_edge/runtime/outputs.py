@@ -107,7 +107,8 @@ def map_scale_for(manifest: Mapping[str, Any], calibration: Any = None,
         except (TypeError, ValueError):
             pass
     training = score.get("training_scores") if isinstance(score, Mapping) else None
-    values = list(training.values()) if isinstance(training, Mapping) else training
+    # Recorded as quantiles with a count `n` (export/heldout.py); older forms were plain lists of scores.
+    values = [training.get("max")] if isinstance(training, Mapping) else training
     if isinstance(values, Sequence):
         top = max((v for v in (_positive(value) for value in values) if v is not None), default=None)
         if top is not None:
