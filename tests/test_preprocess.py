@@ -39,3 +39,26 @@ def test_map_back_to_image_geometry() -> None:
 def test_invalid_specs_are_refused(resize: int, crop: int) -> None:
     with pytest.raises(ValueError):
         InputSpec(resize=resize, crop=crop)
+
+
+@pytest.mark.parametrize("height, width, resize, crop", [
+    (900, 900, 256, 224),    # MVTec: non-integer factor 3.52
+    (1024, 768, 256, 224),   # integer factor 3 (OpenCV's fast area path), crop's top/left skipped too
+    (1080, 1920, 256, 224),  # landscape, the long side cropped hard
+    (257, 300, 256, 256),    # a hair of shrinking, crop = resize
+    (641, 479, 64, 56),      # odd sizes, strong shrinking
+])
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-thread", "two-threads"])
+def test_shrinking_only_the_cropped_region_matches_resizing_the_whole_image(
+        height: int, width: int, resize: int, crop: int, parallel: bool) -> None:
+    import cv2
+
+    from patchcore_edge.preprocess import resize_crop
+
+    spec = InputSpec(resize=resize, crop=crop)
+    image = np.random.default_rng(height + width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    geo = geometry(height, width, spec)
+    whole = cv2.resize(image.astype(np.float32), (geo.resized_width, geo.resized_height),
+                       interpolation=cv2.INTER_AREA)
+    expected = whole[geo.top:geo.top + crop, geo.left:geo.left + crop]
+    np.testing.assert_array_equal(resize_crop(image, spec, parallel), expected)

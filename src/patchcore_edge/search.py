@@ -34,6 +34,7 @@ DEFAULT_EF = 32
 _BLOCK_VALUES = 16 * 1024 * 1024
 _QUERY_BLOCK = 4096
 _FEW_QUERIES = 16
+_ONE_THREAD_QUERIES = 256  # the exact re-rank of 8 patches for a batch of up to 32 images
 # Banks up to this size keep a centred copy for exact search (saves re-centring the bank on every call, which
 # dominates small re-rank queries); larger banks are centred block by block to keep memory at ~2x the bank.
 _CENTRED_COPY_BYTES = 64 * 1024 * 1024
@@ -435,7 +436,10 @@ class PatchSearch:
         tall = n <= _FEW_QUERIES
         buffer = np.empty((rows, n) if tall else (n, rows), dtype=np.float32)
         centred_rows = np.empty((rows, self.dim), dtype=np.float32) if self._centred is None else None
-        with blas_threads(self.threads):
+        # Re-rank-sized calls use one BLAS thread whatever `threads` says: a second one gains little on so few
+        # queries, and OpenBLAS workers busy-wait after the call, taking a core from the stages that follow
+        # (2 cores, batch 1: 19 -> 13 ms per image end to end; benchmarks/results/runtime.md).
+        with blas_threads(1 if n <= _ONE_THREAD_QUERIES else self.threads):
             for start in range(0, self.count, rows):
                 stop = min(self.count, start + rows)
                 if centred_rows is None:

@@ -23,6 +23,12 @@ class FeatureBackend(Protocol):
         ...
 
 
+# On the CPU provider a batch runs one image at a time: batching gains nothing there (2 cores: 2.2 ms per image
+# in runs of 1, 2.5 in one run of 8, whose activations no longer fit the caches) while the activation memory
+# grows with the run (a batch-8 process peaks ~80 MB higher; benchmarks/results/runtime.md).
+CPU_RUN_BATCH = 1
+
+
 class OnnxRuntimeFeatures:
     """features.onnx through ONNX Runtime, on the best execution provider present (CUDA/TensorRT EPs if any)."""
 
@@ -38,6 +44,12 @@ class OnnxRuntimeFeatures:
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # ORT's workers busy-wait between operators (which keeps the features call fast) and, by default, for a
+        # while after the run too: on a small CPU they then steal the cores from the search and map stages that
+        # follow. Stopping the spin at the end of each run keeps both (2 cores, batch 1: features + search +
+        # score + map 15.3 -> 10.3 ms; spinning off altogether slows the features call, 2.1 -> 2.7 ms;
+        # benchmarks/results/runtime.md). Versions without the key ignore it.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         available = ort.get_available_providers()
         chosen = [p for p in (providers or ("CUDAExecutionProvider", "CPUExecutionProvider")) if p in available]
         try:
@@ -50,10 +62,16 @@ class OnnxRuntimeFeatures:
             raise BundleError(f"{onnx_path}: expected input {input_name!r} and output {output_name!r}, the model has "
                               f"{inputs} -> {outputs}; re-export the bundle")
         self.input_name, self.output_name = input_name, output_name
-        self.name = "onnxruntime:" + self.session.get_providers()[0].replace("ExecutionProvider", "").lower()
+        provider = self.session.get_providers()[0]
+        self.name = "onnxruntime:" + provider.replace("ExecutionProvider", "").lower()
+        self.run_batch = CPU_RUN_BATCH if provider == "CPUExecutionProvider" else None
 
     def features(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+        images = np.ascontiguousarray(batch, np.float32)
+        step = self.run_batch or max(1, images.shape[0])
+        outputs = [self.session.run([self.output_name], {self.input_name: images[start:start + step]})[0]
+                   for start in range(0, images.shape[0], step)]
+        out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         return np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:
