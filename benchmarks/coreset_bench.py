@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+from _machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle" / "train" / "good"
@@ -241,14 +242,7 @@ def anomalib_literal_loop(projected: np.ndarray, start: int, size: int) -> Tuple
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{model}, {os.cpu_count()} logical cores, {memory:.0f} GiB RAM; "
             f"Python {platform.python_version()}, numpy {np.__version__}")

@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 
 from patchcore_edge.imageio import read_rgb  # noqa: E402
 from patchcore_edge.runtime.detector import Detector  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 BUNDLE = REPO / "out" / "bench" / "bottle-default"
@@ -638,14 +639,7 @@ def all_ideas(args: argparse.Namespace, images: Sequence[np.ndarray], rounds: in
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     from importlib.metadata import version
 
     return (f"{model}, {os.cpu_count()} logical CPUs (shared with other jobs), {platform.system()} "

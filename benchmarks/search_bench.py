@@ -38,6 +38,7 @@ import hnswlib  # type: ignore[import-untyped]  # noqa: E402
 from patchcore_edge import search as search_module  # noqa: E402
 from patchcore_edge.scoring import image_scores  # noqa: E402
 from patchcore_edge.search import PatchSearch, bank_neighbours, build_index  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 CACHE = Path(os.environ.get("SEARCH_BENCH_CACHE", "/tmp/patchcore_edge_search_bench"))
@@ -233,14 +234,7 @@ def bench_bank(name: str, bank: np.ndarray, queries: np.ndarray, ms: Sequence[in
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     blas = "unknown BLAS"
     try:
         import threadpoolctl  # type: ignore[import-untyped]
