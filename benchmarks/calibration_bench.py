@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from patchcore_edge.calibration import thresholds as stats
+from patchcore_edge import stats
 
 DEFAULT_TARGETS = ((0.01, 0.95), (0.05, 0.95), (0.1, 0.9))
 

@@ -485,7 +485,8 @@ def preprocess_ideas(images: Sequence[np.ndarray], spec: Any, rounds: int) -> Li
 
 def map_ideas(detector: Detector, images: Sequence[np.ndarray], rounds: int) -> List[Row]:
     from patchcore_edge.preprocess import geometry, map_to_image
-    from patchcore_edge.scoring import anomaly_map, gaussian_kernel_size, image_scores
+    from patchcore_edge.maps import anomaly_map, gaussian_kernel_size
+    from patchcore_edge.scoring import image_scores
 
     grids = [image_scores(p[None], detector.search, detector.neighbours)[0].patch_distances.reshape(detector.grid)
              for p in patch_features(detector, images[:8])]
@@ -545,7 +546,8 @@ def ort_ideas(bundle: Path, images: Sequence[np.ndarray], threads: int, rounds: 
     workers busy-wait after a run by default and then take the cores from whatever runs next."""
     from patchcore_edge.bundle import read_manifest
     from patchcore_edge.preprocess import preprocess
-    from patchcore_edge.scoring import anomaly_map, image_scores
+    from patchcore_edge.maps import anomaly_map
+    from patchcore_edge.scoring import image_scores
 
     detector = open_detector(bundle, threads)
     features = read_manifest(bundle, verify_files=False)["features"]

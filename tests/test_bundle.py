@@ -14,7 +14,7 @@ from patchcore_edge.preprocess import InputSpec
 
 def _manifest() -> Dict[str, Any]:
     return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "toolkit_version": "test",
+        "format": FORMAT_NAME, "format_version": 1, "toolkit_version": "test",
         "backbone": {"name": "toy"}, "layers": ["a", "b"], "input": InputSpec(64, 56).to_manifest(),
         "features": {"dim": 4, "grid": [7, 7], "stride": 8, "onnx_file": "features.onnx",
                      "input_name": "image", "output_name": "features"},

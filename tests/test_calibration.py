@@ -21,11 +21,11 @@ import pytest
 from click.testing import CliRunner
 
 from patchcore_edge import bundle as bundle_mod
-from patchcore_edge.bundle import read_manifest, write_new_bundle
+from patchcore_edge.bundle import Bundle, read_manifest, write_new_bundle
 from patchcore_edge.calibration import calibrate as flow
 from patchcore_edge.calibration import report
-from patchcore_edge.calibration.cli import calibrate_command
-from patchcore_edge.calibration.model import Calibration, CalibrationError, ImageCalibration, PixelCalibration
+from patchcore_edge.cli.calibrate import calibrate_command
+from patchcore_edge.decision import Calibration, CalibrationError, ImageCalibration, PixelCalibration
 from patchcore_edge.imageio import ImageReadError
 from patchcore_edge.preprocess import InputSpec
 
@@ -107,11 +107,11 @@ def make_bundle(root: Path, training: Sequence[Path] = ()) -> Path:
     hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p in training]
 
     def build(staging: Path) -> Dict[str, Any]:
-        for name in bundle_mod.REQUIRED_FILES:
+        for name in bundle_mod.V1_REQUIRED_FILES:
             (staging / name).write_bytes(b"placeholder " + name.encode())
         (staging / "training_images.json").write_text(json.dumps({"sha256": hashes}))
         return {
-            "format": bundle_mod.FORMAT_NAME, "format_version": bundle_mod.FORMAT_VERSION, "toolkit_version": "test",
+            "format": bundle_mod.FORMAT_NAME, "format_version": 1, "toolkit_version": "test",
             "backbone": {"name": "fake"}, "layers": ["fake"], "input": InputSpec(resize=64, crop=64).to_manifest(),
             "features": {"dim": 4, "grid": [8, 8], "stride": 8, "onnx_file": "features.onnx", "input_name": "image",
                          "output_name": "features"},
@@ -134,7 +134,7 @@ def setup(tmp_path: Path) -> Dict[str, Path]:
 
 def run_calibrate(setup: Dict[str, Path], nominal: Optional[Path] = None, **kwargs: Any) -> flow.CalibrationOutcome:
     bundle = setup["bundle"]
-    return flow.calibrate(FakeDetector(), read_manifest(bundle), bundle, nominal or setup["good"], **kwargs)
+    return flow.calibrate(FakeDetector(), Bundle.load(bundle), nominal or setup["good"], **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- the record
@@ -247,7 +247,7 @@ def test_calibrate_nominal_only_sets_pixel_threshold_from_nominal_maps(setup: Di
     assert cal.image.threshold == scores[cal.image.rank - 1] and cal.image.rank < 30
     assert cal.image.guaranteed_false_alarm_rate <= 0.2
     assert cal.pixel is not None and cal.pixel.method == "nominal-order-statistic"
-    assert cal.pixel.min_defect_area == flow.default_min_defect_area(read_manifest(setup["bundle"]), SIZE)
+    assert cal.pixel.min_defect_area == flow.default_min_defect_area(Bundle.load(setup["bundle"]), SIZE)
     assert cal.pixel.guaranteed_mask_rate is not None and cal.pixel.guaranteed_mask_rate <= 0.2
     assert cal.image.recall is None
 
@@ -278,7 +278,7 @@ def test_only_training_images_is_an_error(setup: Dict[str, Path]) -> None:
     make_nominal(setup["root"] / "more_train", 12, seed=8)
     bundle = make_bundle(setup["root"] / "b2", sorted((setup["root"] / "more_train").iterdir()))
     with pytest.raises(CalibrationError, match=r"0 usable nominal image.*12 left out"):
-        flow.calibrate(FakeDetector(), read_manifest(bundle), bundle, setup["root"] / "more_train")
+        flow.calibrate(FakeDetector(), Bundle.load(bundle), setup["root"] / "more_train")
 
 
 def test_nominal_outlier_is_flagged_as_likely_mislabelled(setup: Dict[str, Path]) -> None:
@@ -342,18 +342,18 @@ def test_missing_masks_are_listed(setup: Dict[str, Path]) -> None:
 
 def test_write_rollback_and_pruning(setup: Dict[str, Path]) -> None:
     bundle = setup["bundle"]
-    first = flow.write_calibration(bundle, run_calibrate(setup).calibration)
+    first = flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup).calibration)
     manifest = read_manifest(bundle)
     assert manifest["calibration"] == {"file": first, "previous": None}
     with pytest.raises(CalibrationError, match="no previous calibration"):
-        flow.rollback(bundle)
-    second = flow.write_calibration(bundle, run_calibrate(setup, false_alarm_rate=0.2).calibration)
+        flow.rollback(Bundle.load(bundle, verify=False))
+    second = flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup, false_alarm_rate=0.2).calibration)
     assert second != first
     assert read_manifest(bundle)["calibration"] == {"file": second, "previous": first}
-    assert flow.rollback(bundle) == (first, second)
+    assert flow.rollback(Bundle.load(bundle, verify=False)) == (first, second)
     assert read_manifest(bundle)["calibration"] == {"file": first, "previous": second}
-    assert flow.rollback(bundle) == (second, first)  # a second rollback undoes the first
-    third = flow.write_calibration(bundle, run_calibrate(setup, false_alarm_rate=0.1).calibration)
+    assert flow.rollback(Bundle.load(bundle, verify=False)) == (second, first)  # a second rollback undoes the first
+    third = flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup, false_alarm_rate=0.1).calibration)
     manifest = read_manifest(bundle)  # verifies every listed file's sha256
     assert manifest["calibration"] == {"file": third, "previous": second}
     assert first not in manifest["files"] and not (bundle / first).exists()
@@ -362,13 +362,13 @@ def test_write_rollback_and_pruning(setup: Dict[str, Path]) -> None:
 
 def test_rollback_without_any_calibration(setup: Dict[str, Path]) -> None:
     with pytest.raises(CalibrationError, match="no calibration"):
-        flow.rollback(setup["bundle"])
+        flow.rollback(Bundle.load(setup["bundle"], verify=False))
 
 
 def test_interrupted_write_leaves_the_old_calibration(setup: Dict[str, Path], monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
     bundle = setup["bundle"]
-    first = flow.write_calibration(bundle, run_calibrate(setup).calibration)
+    first = flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup).calibration)
     real_write = bundle_mod.write_file_atomic
 
     def crash_on_manifest(path: Any, data: bytes) -> None:
@@ -378,7 +378,7 @@ def test_interrupted_write_leaves_the_old_calibration(setup: Dict[str, Path], mo
 
     monkeypatch.setattr(bundle_mod, "write_file_atomic", crash_on_manifest)
     with pytest.raises(OSError):
-        flow.write_calibration(bundle, run_calibrate(setup, false_alarm_rate=0.2).calibration)
+        flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup, false_alarm_rate=0.2).calibration)
     monkeypatch.undo()
     manifest = read_manifest(bundle)
     assert manifest["calibration"] == {"file": first, "previous": None}
@@ -387,15 +387,15 @@ def test_interrupted_write_leaves_the_old_calibration(setup: Dict[str, Path], mo
 
 def test_broken_current_calibration_does_not_block_a_new_one(setup: Dict[str, Path]) -> None:
     bundle = setup["bundle"]
-    first = flow.write_calibration(bundle, run_calibrate(setup).calibration)
+    first = flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup).calibration)
     (bundle / first).write_text("{ damaged")
     manifest = read_manifest(bundle, verify_files=False)
-    outcome = flow.calibrate(FakeDetector(), manifest, bundle, setup["good"])
+    outcome = flow.calibrate(FakeDetector(), Bundle.load(bundle, verify=False), setup["good"])
     assert any(f.code == "previous-unreadable" for f in outcome.findings)
-    second = flow.write_calibration(bundle, outcome.calibration)
+    second = flow.write_calibration(Bundle.load(bundle, verify=False), outcome.calibration)
     assert read_manifest(bundle, verify_files=False)["calibration"] == {"file": second, "previous": first}
     with pytest.raises(CalibrationError, match="missing or altered"):
-        flow.rollback(bundle)
+        flow.rollback(Bundle.load(bundle, verify=False))
 
 
 def test_calibration_of_another_bundle_is_refused(setup: Dict[str, Path]) -> None:
@@ -406,13 +406,13 @@ def test_calibration_of_another_bundle_is_refused(setup: Dict[str, Path]) -> Non
     assert cal.bundle["memory_bank_sha256"] == manifest["files"]["memory_bank.npy"]["sha256"]
     tampered = Calibration.from_dict({**cal.to_dict(), "bundle": {"memory_bank_sha256": "0" * 64}})
     with pytest.raises(CalibrationError, match="another bundle"):
-        flow.write_calibration(other, tampered)
+        flow.write_calibration(Bundle.load(other, verify=False), tampered)
     assert bank.is_file() and read_manifest(other)["calibration"] is None
 
 
 def test_shift_against_previous_calibration_is_reported(setup: Dict[str, Path]) -> None:
     bundle = setup["bundle"]
-    flow.write_calibration(bundle, run_calibrate(setup).calibration)
+    flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup).calibration)
     same = run_calibrate(setup)
     assert not any(f.code == "score-shift" for f in same.findings)
     brighter = setup["root"] / "brighter"
@@ -426,11 +426,11 @@ def test_shift_against_previous_calibration_is_reported(setup: Dict[str, Path]) 
 
 def test_check_reports_rate_interval_and_verdict(setup: Dict[str, Path]) -> None:
     bundle = setup["bundle"]
-    flow.write_calibration(bundle, run_calibrate(setup, false_alarm_rate=0.1, confidence=0.9).calibration)
+    flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup, false_alarm_rate=0.1, confidence=0.9).calibration)
     before = (bundle / "manifest.json").read_bytes()
     fresh = setup["root"] / "fresh"
     make_nominal(fresh, 40, seed=11)
-    outcome = flow.check(FakeDetector(), read_manifest(bundle), bundle, fresh)
+    outcome = flow.check(FakeDetector(), Bundle.load(bundle), fresh)
     assert len(outcome.images) == 40 and outcome.confidence == 0.9
     low, high = outcome.interval
     assert low <= outcome.observed_rate <= high
@@ -438,7 +438,7 @@ def test_check_reports_rate_interval_and_verdict(setup: Dict[str, Path]) -> None
     assert outcome.images_with_mask is not None
     shifted = setup["root"] / "shifted"
     make_nominal(shifted, 40, seed=12, level=150)
-    bad = flow.check(FakeDetector(), read_manifest(bundle), bundle, shifted)
+    bad = flow.check(FakeDetector(), Bundle.load(bundle), shifted)
     assert bad.false_alarms == 40 and bad.verdict == "above target"
     assert any(f.code == "score-shift" for f in bad.findings)
     assert (bundle / "manifest.json").read_bytes() == before  # a check never changes the bundle
@@ -446,7 +446,7 @@ def test_check_reports_rate_interval_and_verdict(setup: Dict[str, Path]) -> None
 
 def test_check_without_calibration_is_an_error(setup: Dict[str, Path]) -> None:
     with pytest.raises(CalibrationError, match="no calibration to check"):
-        flow.check(FakeDetector(), read_manifest(setup["bundle"]), setup["bundle"], setup["good"])
+        flow.check(FakeDetector(), Bundle.load(setup["bundle"]), setup["good"])
 
 
 # ---------------------------------------------------------------------------------------------- report, CLI

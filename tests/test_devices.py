@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from patchcore_edge import trt
+from patchcore_edge import search, trt
+from patchcore_edge.bundle import Bundle
 from patchcore_edge.devices import memory
-from patchcore_edge.devices.cli import check_tolerance, devices_group, engine_group, verify_against_onnxruntime
+from patchcore_edge.cli.devices import check_tolerance, devices_group, engine_group, verify_against_onnxruntime
 from patchcore_edge.devices.detect import detect_device, jetpack_for_l4t, parse_nv_tegra_release
 from patchcore_edge.devices.profiles import ProfileError, get_profile, load_profiles
+from patchcore_edge.preprocess import InputSpec
 
 JETSONS = ["jetson-nano", "jetson-tx2", "jetson-xavier-nx", "jetson-agx-xavier", "jetson-orin-nano",
            "jetson-orin-nx", "jetson-agx-orin"]
@@ -202,20 +204,22 @@ def test_stub_only_tensorrt_is_not_mistaken_for_tensorrt() -> None:
 
 @pytest.mark.parametrize("count, dim, m", [(3000, 32, 8), (2000, 64, 16)])
 def test_index_file_size_matches_hnswlib(tmp_path: Path, count: int, dim: int, m: int) -> None:
-    from patchcore_edge import search
-
     bank = np.random.default_rng(1).standard_normal((count, dim)).astype(np.float32)
     path = tmp_path / "index.hnsw"
     search.save_index(search.build_index(bank, m=m, ef_construction=20, threads=2), path)
     actual = path.stat().st_size
-    assert abs(memory.index_file_bytes(count, dim, m) - actual) / actual < 0.01
-    assert memory.index_resident_bytes(count, dim, m) > actual
+    assert abs(search.index_file_bytes(count, dim, m) - actual) / actual < 0.01
+    assert search.index_resident_bytes(count, dim, m) > actual
 
 
 def _tiny_manifest(tiny_bundle: Path) -> Dict[str, Any]:
     from patchcore_edge.bundle import read_manifest
 
     return read_manifest(tiny_bundle, verify_files=False)
+
+
+def _tiny(tiny_bundle: Path) -> Bundle:
+    return Bundle.load(tiny_bundle, verify=False)
 
 
 def test_onnx_liveness_peak_scales_with_batch(tiny_bundle: Path) -> None:
@@ -232,35 +236,43 @@ def test_onnx_liveness_peak_scales_with_batch(tiny_bundle: Path) -> None:
 
 def test_estimate_components_and_budget(tiny_bundle: Path) -> None:
     manifest = _tiny_manifest(tiny_bundle)
-    size, dim = manifest["coreset"]["size"], manifest["features"]["dim"]
-    estimate = memory.estimate_memory(manifest, get_profile("jetson-orin-nx"), variant="8GB", batch=2,
-                                      backend="onnxruntime", bundle_dir=tiny_bundle)
+    size, dim = manifest["method"]["params"]["coreset"]["size"], manifest["features"]["dim"]
+    estimate = memory.estimate_memory(_tiny(tiny_bundle), get_profile("jetson-orin-nx"), variant="8GB", batch=2,
+                                      backend="onnxruntime")
     parts = estimate["components"]
     assert parts["bank"] == size * dim * 4 + size * 4
-    assert parts["neighbours"] == size * manifest["score"]["reweight_neighbours"] * 4
+    assert parts["neighbours"] == size * manifest["method"]["params"]["reweight_neighbours"] * 4
     assert parts["model"] == int(manifest["files"]["features.onnx"]["bytes"] * memory.ORT_MODEL_FACTOR)
     assert estimate["total"] == sum(parts.values())
     assert estimate["budget"] == int(8 * 1024 * memory.MIB * 0.6)
     assert estimate["fits"] is True and estimate["warning"] is None
     # The Nano builds no engine: a TensorRT request falls back to ONNX Runtime.
-    assert memory.estimate_memory(manifest, get_profile("jetson-nano"), backend="tensorrt")["backend"] == \
+    assert memory.estimate_memory(_tiny(tiny_bundle), get_profile("jetson-nano"), backend="tensorrt")["backend"] == \
         "onnxruntime"
 
 
 def test_estimate_warns_when_the_bank_does_not_fit() -> None:
-    manifest = {"features": {"dim": 1024, "grid": [28, 28], "onnx_file": "features.onnx"},
-                "coreset": {"size": 400_000}, "index": {"M": 16}, "score": {"reweight_neighbours": 9},
-                "input": {"crop": 224}, "files": {"features.onnx": {"bytes": 40 << 20}}}
-    estimate = memory.estimate_memory(manifest, get_profile("jetson-orin-nano"), variant="4GB")
+    manifest = {"features": {"dim": 1024, "grid": [28, 28], "stride": 8, "onnx_file": "features.onnx",
+                             "input_name": "image", "outputs": ["features"]},
+                "method": {"name": "patchcore", "params": {"index": {"M": 16}, "reweight_neighbours": 9},
+                           "arrays": {"memory_bank": {"file": "memory_bank.npy", "dtype": "float32",
+                                                      "shape": [400_000, 1024]},
+                                      "bank_neighbours": {"file": "bank_neighbours.npy", "dtype": "int32",
+                                                          "shape": [400_000, 9]}}},
+                "input": InputSpec(resize=256, crop=224).to_manifest(), "score": {"gaussian_sigma": 4.0},
+                "files": {"features.onnx": {"bytes": 40 << 20}}}
+    bundle = Bundle(Path("not-on-disk"), manifest)
+    estimate = memory.estimate_memory(bundle, get_profile("jetson-orin-nano"), variant="4GB",
+                                      measure_activations=False)
     assert estimate["fits"] is False
     assert "400000 x 1024" in estimate["warning"] and "jetson-orin-nano 4GB" in estimate["warning"]
     assert estimate["components"]["bank"] > 1.5 * (1 << 30)
     assert any("engine size taken as the ONNX weights" in a for a in estimate["assumptions"])
-    fine = memory.estimate_memory(manifest, get_profile("jetson-agx-orin"), variant="64GB")
+    fine = memory.estimate_memory(bundle, get_profile("jetson-agx-orin"), variant="64GB", measure_activations=False)
     assert fine["fits"] is True
-    unknown = memory.estimate_memory(manifest, get_profile("cpu-only"))
+    unknown = memory.estimate_memory(bundle, get_profile("cpu-only"), measure_activations=False)
     assert unknown["budget"] is None and unknown["fits"] is None
-    sized = memory.estimate_memory(manifest, get_profile("cpu-only"), memory_total_mb=2048)
+    sized = memory.estimate_memory(bundle, get_profile("cpu-only"), memory_total_mb=2048, measure_activations=False)
     assert sized["fits"] is False and "this machine (2048 MB)" in sized["warning"]
 
 
@@ -316,33 +328,32 @@ class ShiftedFeatures:
     name = "shifted"
     max_batch = None
 
-    def __init__(self, bundle: Path, manifest: Dict[str, Any], shift: float) -> None:
+    def __init__(self, bundle: Bundle, shift: float) -> None:
         from patchcore_edge.runtime.backends import OnnxRuntimeFeatures
 
-        features = manifest["features"]
-        self.inner = OnnxRuntimeFeatures(bundle / features["onnx_file"], features["input_name"],
-                                         features["output_name"], threads=1)
+        features = bundle.features
+        self.inner = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
+                                         threads=1)
+        self.output_name = features.output_name
         self.shift = shift
 
     def features(self, batch: np.ndarray) -> np.ndarray:
-        return self.inner.features(batch) * np.float32(1.0 + self.shift)
+        return self.inner.run(batch)[self.output_name] * np.float32(1.0 + self.shift)
 
     def close(self) -> None:
         self.inner.close()
 
 
 def test_verification_accepts_equal_and_refuses_changed_scores(tiny_bundle: Path) -> None:
-    from patchcore_edge.devices.cli import _synthetic_images
+    from patchcore_edge.cli.devices import _synthetic_images
 
-    manifest = _tiny_manifest(tiny_bundle)
-    images = _synthetic_images(manifest, count=3)
-    same = verify_against_onnxruntime(tiny_bundle, manifest, ShiftedFeatures(tiny_bundle, manifest, 0.0), images,
-                                      "synthetic")
+    bundle = _tiny(tiny_bundle)
+    images = _synthetic_images(bundle.input_spec, count=3)
+    same = verify_against_onnxruntime(bundle, ShiftedFeatures(bundle, 0.0), images, "synthetic")
     assert same["features"]["max_abs"] == pytest.approx(0.0, abs=1e-6)
     assert same["scores"]["max_rel_change"] == pytest.approx(0.0, abs=1e-6)
     assert check_tolerance(same, "fp16")[0]
-    shifted = verify_against_onnxruntime(tiny_bundle, manifest, ShiftedFeatures(tiny_bundle, manifest, 0.2),
-                                         images, "synthetic")
+    shifted = verify_against_onnxruntime(bundle, ShiftedFeatures(bundle, 0.2), images, "synthetic")
     assert shifted["features"]["max_rel"] == pytest.approx(0.2 / 1.0, rel=0.05)
     ok, line = check_tolerance(shifted, "fp16")
     assert not ok and "BEYOND the 0.02 tolerance for fp16" in line and "3 synthetic images" in line

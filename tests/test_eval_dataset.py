@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
-from patchcore_edge.evaluation import cli as eval_cli
+from patchcore_edge.cli import eval as eval_cli
 from patchcore_edge.evaluation.dataset import (
     DatasetError,
     check_masks,
@@ -128,7 +128,7 @@ def test_unreadable_mask_is_reported(tmp_path: Path) -> None:
     (root / "ground_truth" / "hole" / "000_mask.png").write_bytes(b"not a png")
     problems = check_masks(discover_mvtec(root))
     assert [p.path for p in problems] == [str(root / "ground_truth" / "hole" / "000_mask.png")]
-    assert "not a readable image" in problems[0].problem
+    assert "not a readable image" in problems[0].reason
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -341,7 +341,7 @@ def test_eval_command_errors_are_messages_not_tracebacks(tmp_path: Path, fake_lo
 
 
 def test_evaluation_imports_neither_torch_nor_sklearn() -> None:
-    code = ("import sys, patchcore_edge.evaluation.cli, patchcore_edge.evaluation.evaluate; "
+    code = ("import sys, patchcore_edge.cli.eval, patchcore_edge.evaluation.evaluate; "
             "bad = [m for m in ('torch', 'sklearn', 'torchvision') if m in sys.modules]; "
             "print(', '.join(bad)); sys.exit(1 if bad else 0)")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -62,12 +62,12 @@ def test_bad_files_are_skipped_and_named_and_the_manifest_tells_the_truth(messy_
     assert manifest["input"]["crop"] == 64 and manifest["input"]["resize"] == 72
     grid = manifest["features"]["grid"]
     patches = 6 * grid[0] * grid[1]
-    assert manifest["coreset"]["patches"] == patches
-    assert manifest["coreset"]["size"] == round(0.25 * patches)
+    assert manifest["method"]["params"]["coreset"]["patches"] == patches
+    assert manifest["method"]["params"]["coreset"]["size"] == round(0.25 * patches)
     bank = np.load(out / "memory_bank.npy", allow_pickle=False)
-    assert bank.shape == (manifest["coreset"]["size"], manifest["features"]["dim"]) and bank.dtype == np.float32
+    assert bank.shape == (manifest["method"]["params"]["coreset"]["size"], manifest["features"]["dim"]) and bank.dtype == np.float32
     assert manifest["features"]["onnx_parity"]["max_abs_diff"] <= manifest["features"]["onnx_parity"]["tolerance"]
-    assert {"M", "ef_construction", "ef"} <= set(manifest["index"])
+    assert {"M", "ef_construction", "ef"} <= set(manifest["method"]["params"]["index"])
     assert set(manifest["files"]) >= {"memory_bank.npy", "bank_neighbours.npy", "index.hnsw", "features.onnx",
                                       "training_images.json"}
 

@@ -6,12 +6,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import cv2
 import numpy as np
 import pytest
 
+from patchcore_edge.bundle import Bundle
 from patchcore_edge.imageio import ImageReadError
 from patchcore_edge.runtime.outputs import (JsonLinesWriter, MapScale, MapWriter, OutputError, RunStats,
                                             atomic_write_bytes, blend, colourise, error_record,
@@ -38,7 +39,7 @@ class Threshold:
 
 @dataclass
 class Thresholds:
-    """The two fields of calibration.model.Calibration that set the heat-map range."""
+    """The two fields of decision.Calibration that set the heat-map range."""
 
     image_value: Optional[float] = None
     pixel_value: Optional[float] = None
@@ -56,25 +57,33 @@ def jet(level: int) -> np.ndarray:
     return cv2.applyColorMap(np.array([[level]], dtype=np.uint8), cv2.COLORMAP_JET)[0, 0]
 
 
+def _bundle(score: Dict[str, Any], radius: float) -> Bundle:
+    """A Bundle over a manifest (no files needed: map_scale_for reads recorded numbers only)."""
+    manifest = {"features": {"onnx_file": "features.onnx", "input_name": "image", "outputs": ["features"],
+                             "dim": 4, "grid": [2, 2], "stride": 8},
+                "method": {"name": "patchcore", "params": {"coreset": {"coverage_radius": radius}}, "arrays": {}},
+                "score": {"gaussian_sigma": 4.0, **score}, "files": {}}
+    return Bundle(Path("bundle"), manifest)
+
+
 def test_map_scale_priority() -> None:
-    manifest = {"score": {"map_range": [0.5, 4.0], "training_scores": {"p50": 1.0, "max": 1.5}},
-                "coreset": {"coverage_radius": 2.5}}
-    assert map_scale_for(manifest, Thresholds(1.0, 0.8), (0.0, 9.0)) == MapScale(0.0, 9.0, "--map-range")
+    score: Dict[str, Any] = {"map_range": [0.5, 4.0], "training_scores": {"p50": 1.0, "max": 1.5}}
+    bundle = _bundle(score, 2.5)
+    assert map_scale_for(bundle, Thresholds(1.0, 0.8), (0.0, 9.0)) == MapScale(0.0, 9.0, "--map-range")
     def high(calibration: object) -> float:
-        scale = map_scale_for(manifest, calibration)
+        scale = map_scale_for(bundle, calibration)
         assert scale is not None and scale.low == 0.0
         return scale.high
 
     assert high(Thresholds(1.0, 0.8)) == pytest.approx(1.6)
     assert high(Thresholds(1.0, None)) == pytest.approx(2.0)
     assert high({"image": {"threshold": 3.0}, "pixel": None}) == pytest.approx(6.0)
-    scale = map_scale_for(manifest, None)
+    scale = map_scale_for(bundle, None)
     assert scale is not None and (scale.low, scale.high) == (0.5, 4.0)
-    del manifest["score"]["map_range"]  # type: ignore[attr-defined]
-    assert map_scale_for(manifest, None).high == pytest.approx(3.0)  # type: ignore[union-attr]
-    del manifest["score"]
-    assert map_scale_for(manifest, None).high == pytest.approx(5.0)  # type: ignore[union-attr]
-    assert map_scale_for({"coreset": {"coverage_radius": float("nan")}}, None) is None
+    del score["map_range"]
+    assert map_scale_for(_bundle(score, 2.5), None).high == pytest.approx(3.0)  # type: ignore[union-attr]
+    assert map_scale_for(_bundle({}, 2.5), None).high == pytest.approx(5.0)  # type: ignore[union-attr]
+    assert map_scale_for(_bundle({}, float("nan")), None) is None
     with pytest.raises(ValueError, match="low < high"):
         MapScale(2.0, 1.0, "test")
 

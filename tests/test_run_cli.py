@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from patchcore_edge.runtime.cli import EXIT_CANNOT_START, EXIT_FAILED_INPUTS, EXIT_OK, StatusLine, run_command
+from patchcore_edge.cli.run import EXIT_CANNOT_START, EXIT_FAILED_INPUTS, EXIT_OK, StatusLine, run_command
 from patchcore_edge.runtime.outputs import RunStats
 
 RUNTIME = ["--backend", "onnxruntime", "--threads", "1"]
@@ -100,8 +100,9 @@ def test_folder_run_scores_in_order_writes_maps_and_reports_the_bad_file(
 
 def test_calibrated_run_decides_and_writes_masks(tiny_bundle: Path, parts_folder: Path,
                                                  tmp_path: Path) -> None:
+    from patchcore_edge.bundle import Bundle
     from patchcore_edge.calibration.calibrate import write_calibration
-    from patchcore_edge.calibration.model import Calibration, ImageCalibration, PixelCalibration
+    from patchcore_edge.decision import Calibration, ImageCalibration, PixelCalibration
     from patchcore_edge.imageio import read_rgb
     from patchcore_edge.runtime.detector import Detector
 
@@ -121,7 +122,7 @@ def test_calibrated_run_decides_and_writes_masks(tiny_bundle: Path, parts_folder
                                empirical_false_alarm_rate=0.0),
         pixel=PixelCalibration(threshold=pixel, min_defect_area=1, method="manual"),
         nominal_scores={"q25": good[0].score, "q50": good[0].score, "q75": good[1].score})
-    write_calibration(bundle, calibration)
+    write_calibration(Bundle.load(bundle), calibration)
     (parts_folder / "good" / "broken.png").unlink()
 
     out = tmp_path / "out"
@@ -220,7 +221,7 @@ def test_status_line_reports_frames_per_second() -> None:
 
 
 def test_runtime_modules_never_import_torch() -> None:
-    code = ("import sys; import patchcore_edge.runtime.cli, patchcore_edge.runtime.sources, "
+    code = ("import sys; import patchcore_edge.cli.run, patchcore_edge.runtime.sources, "
             "patchcore_edge.runtime.outputs, patchcore_edge.runtime.detector; "
             "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; print(bad); "
             "sys.exit(1 if bad else 0)")

@@ -49,9 +49,9 @@ def reference(tiny_bundle: Path):  # type: ignore[no-untyped-def]
     extractor, info = build_extractor(manifest["backbone"]["name"], None, spec, int(manifest["features"]["dim"]),
                                       layers=tuple(manifest["layers"]))
     assert info.backbone_manifest()["weights"] == manifest["backbone"]["weights"]
-    size, dim = int(manifest["coreset"]["size"]), int(manifest["features"]["dim"])
+    size, dim = int(manifest["method"]["params"]["coreset"]["size"]), int(manifest["features"]["dim"])
     bank = load_array(tiny_bundle, "memory_bank.npy", np.float32, (size, dim))
-    b = int(manifest["score"]["reweight_neighbours"])
+    b = int(manifest["method"]["params"]["reweight_neighbours"])
     neighbours = load_array(tiny_bundle, "bank_neighbours.npy", np.int32, (size, b))
     images = _test_images()
     scores = reference_scores(extractor, images, spec, bank, neighbours, float(manifest["score"]["gaussian_sigma"]))

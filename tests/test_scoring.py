@@ -10,12 +10,11 @@ import pytest
 
 from patchcore_edge.scoring import (
     PatchScores,
-    anomaly_map,
-    gaussian_kernel_size,
     image_score,
     image_scores,
     reweight,
 )
+from patchcore_edge.maps import anomaly_map, gaussian_kernel_size
 from patchcore_edge.search import PatchSearch, bank_neighbours, build_index
 
 

@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from patchcore_edge.calibration import thresholds as t
+from patchcore_edge import stats as t
 
 
 def exact_cdf(k: int, n: int, p: Fraction) -> Fraction:

@@ -842,7 +842,7 @@ def test_engine_build_registers_verified_engine_and_runtime_picks_it(fake: types
     from click.testing import CliRunner
 
     from patchcore_edge.bundle import read_manifest
-    from patchcore_edge.devices.cli import engine_group
+    from patchcore_edge.cli.devices import engine_group
     from patchcore_edge.runtime.detector import Detector
 
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")

@@ -90,7 +90,7 @@ def test_engine_build_command_registers_and_auto_backend_uses_it(model: Dict[str
     from click.testing import CliRunner
 
     from patchcore_edge.bundle import read_manifest
-    from patchcore_edge.devices.cli import engine_group
+    from patchcore_edge.cli.devices import engine_group
     from patchcore_edge.runtime.detector import Detector
 
     bundle = shutil.copytree(model["bundle"], tmp_path / "bundle")

@@ -13,18 +13,27 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .preprocess import InputSpec
+
 FORMAT_NAME = "patchcore-edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (PatchCore only) is still read: it is migrated to version 2 in memory.
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
-# The files every bundle has; the runtime cannot work without any of them.
-REQUIRED_FILES = ("features.onnx", "memory_bank.npy", "bank_neighbours.npy", "index.hnsw")
+# The files every version 1 bundle has; version 2 lists each method's files in its method section.
+V1_REQUIRED_FILES = ("features.onnx", "memory_bank.npy", "bank_neighbours.npy", "index.hnsw")
+# Array element types a bundle may hold (plain numeric .npy, never object arrays).
+ARRAY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8")
 
 
 class BundleError(Exception):
@@ -106,24 +115,13 @@ def _safe_name(name: Any, bundle_dir: Path) -> str:
     return str(name)
 
 
-def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
-    """Check the schema of a manifest dict; raise BundleError naming the first problem."""
-    _require(isinstance(manifest, dict), bundle_dir, "is not a JSON object")
-    _require(manifest.get("format") == FORMAT_NAME, bundle_dir,
-             f"not a patchcore-edge bundle (format {manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    _require(isinstance(version, int), bundle_dir, "missing format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"{bundle_dir / MANIFEST}: bundle format version {version} is not supported by this patchcore-edge "
-            f"(it reads version {FORMAT_VERSION}); re-export the bundle with this version, or install the "
-            "patchcore-edge version that made it")
+def _validate_common(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
+    """The sections every format version shares."""
     _get(manifest, "toolkit_version", str, bundle_dir)
     backbone = _get(manifest, "backbone", dict, bundle_dir)
     _require(isinstance(backbone.get("name"), str), bundle_dir, "backbone.name missing")
     layers = _get(manifest, "layers", list, bundle_dir)
-    _require(len(layers) >= 1 and all(isinstance(x, str) for x in layers), bundle_dir, "layers must be names")
-
+    _require(all(isinstance(x, str) for x in layers), bundle_dir, "layers must be names")
     spec = _get(manifest, "input", dict, bundle_dir)
     from .preprocess import InputSpec  # local: keeps bundle.py importable on its own
 
@@ -131,7 +129,6 @@ def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
         InputSpec.from_manifest(spec)
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(f"{bundle_dir / MANIFEST}: input section is invalid ({error})") from None
-
     features = _get(manifest, "features", dict, bundle_dir)
     _positive_int(features, "dim", bundle_dir, "features")
     _positive_int(features, "stride", bundle_dir, "features")
@@ -141,17 +138,10 @@ def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
     for key in ("input_name", "output_name"):
         _require(isinstance(features.get(key), str), bundle_dir, f"features.{key} missing")
     _safe_name(features.get("onnx_file"), bundle_dir)
-
-    coreset = _get(manifest, "coreset", dict, bundle_dir)
-    _positive_int(coreset, "size", bundle_dir, "coreset")
-    index = _get(manifest, "index", dict, bundle_dir)
-    for key in ("M", "ef_construction", "ef"):
-        _positive_int(index, key, bundle_dir, "index")
     score = _get(manifest, "score", dict, bundle_dir)
-    _positive_int(score, "reweight_neighbours", bundle_dir, "score")
-    _positive_int(score, "rerank", bundle_dir, "score")
     sigma = score.get("gaussian_sigma")
-    _require(isinstance(sigma, (int, float)) and sigma >= 0, bundle_dir, "score.gaussian_sigma must be >= 0")
+    _require(isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma >= 0, bundle_dir,
+             "score.gaussian_sigma must be >= 0")
 
     files = _get(manifest, "files", dict, bundle_dir)
     for name, record in files.items():
@@ -159,9 +149,7 @@ def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
         _require(isinstance(record, dict) and isinstance(record.get("sha256"), str)
                  and len(record["sha256"]) == 64 and isinstance(record.get("bytes"), int), bundle_dir,
                  f"files[{name!r}] needs sha256 and bytes")
-    for name in REQUIRED_FILES:
-        _require(name in files, bundle_dir, f"required file {name} is not listed")
-
+    _require(features["onnx_file"] in files, bundle_dir, f"required file {features['onnx_file']} is not listed")
     engines = manifest.get("engines", [])
     _require(isinstance(engines, list), bundle_dir, "engines must be a list")
     for entry in engines:
@@ -174,6 +162,93 @@ def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
         previous = calibration.get("previous")
         _require(previous is None or _safe_name(previous, bundle_dir) in files, bundle_dir,
                  "calibration.previous names a file that is not listed")
+
+
+def _validate_v1(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
+    """Format version 1: PatchCore only, its settings in top-level coreset/index/score sections."""
+    coreset = _get(manifest, "coreset", dict, bundle_dir)
+    _positive_int(coreset, "size", bundle_dir, "coreset")
+    index = _get(manifest, "index", dict, bundle_dir)
+    for key in ("M", "ef_construction", "ef"):
+        _positive_int(index, key, bundle_dir, "index")
+    score = _get(manifest, "score", dict, bundle_dir)
+    _positive_int(score, "reweight_neighbours", bundle_dir, "score")
+    _positive_int(score, "rerank", bundle_dir, "score")
+    files = _get(manifest, "files", dict, bundle_dir)
+    for name in V1_REQUIRED_FILES:
+        _require(name in files, bundle_dir, f"required file {name} is not listed")
+
+
+def _migrate_v1(manifest: Mapping[str, Any]) -> Dict[str, Any]:
+    """A version 1 manifest as version 2, in memory: the PatchCore settings move into the method section."""
+    migrated = json.loads(json.dumps(manifest))
+    coreset = migrated.pop("coreset")
+    index = migrated.pop("index")
+    score = migrated["score"]
+    size, dim = int(coreset["size"]), int(migrated["features"]["dim"])
+    b = int(score.pop("reweight_neighbours"))
+    migrated["method"] = {
+        "name": "patchcore",
+        "params": {"reweight_neighbours": b, "rerank": int(score.pop("rerank")), "coreset": coreset,
+                   "index": index},
+        "arrays": {"memory_bank": {"file": "memory_bank.npy", "dtype": "float32", "shape": [size, dim]},
+                   "bank_neighbours": {"file": "bank_neighbours.npy", "dtype": "int32", "shape": [size, b]}},
+        "files": {"index": "index.hnsw"},
+    }
+    score.pop("method", None)
+    migrated["features"].setdefault("outputs", [migrated["features"]["output_name"]])
+    migrated["format_version"] = FORMAT_VERSION
+    migrated["migrated_from"] = 1
+    return migrated
+
+
+def _validate_method(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
+    method = _get(manifest, "method", dict, bundle_dir)
+    _require(isinstance(method.get("name"), str) and method["name"] != "", bundle_dir, "method.name missing")
+    _require(isinstance(method.get("params", {}), dict), bundle_dir, "method.params must be an object")
+    files = manifest["files"]
+    arrays = method.get("arrays", {})
+    _require(isinstance(arrays, dict), bundle_dir, "method.arrays must be an object")
+    for key, record in arrays.items():
+        _require(isinstance(record, dict), bundle_dir, f"method.arrays[{key!r}] must be an object")
+        name = _safe_name(record.get("file"), bundle_dir)
+        _require(name in files, bundle_dir, f"method array {key!r} names {name}, which is not listed")
+        _require(record.get("dtype") in ARRAY_DTYPES, bundle_dir,
+                 f"method.arrays[{key!r}].dtype must be one of {', '.join(ARRAY_DTYPES)}")
+        shape = record.get("shape")
+        _require(isinstance(shape, list) and 1 <= len(shape) <= 8
+                 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape), bundle_dir,
+                 f"method.arrays[{key!r}].shape must be a list of positive integers, got {shape!r}")
+    others = method.get("files", {})
+    _require(isinstance(others, dict), bundle_dir, "method.files must be an object")
+    for key, name in others.items():
+        _require(_safe_name(name, bundle_dir) in files, bundle_dir,
+                 f"method file {key!r} names {name}, which is not listed")
+    outputs = manifest["features"].get("outputs")
+    _require(isinstance(outputs, list) and len(outputs) >= 1 and all(isinstance(o, str) for o in outputs),
+             bundle_dir, "features.outputs must list the network's output names")
+
+
+def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
+    """Check the schema of a manifest dict; raise BundleError naming the first problem.
+
+    Returns the manifest in the current format version (a version 1 manifest is migrated in memory).
+    """
+    _require(isinstance(manifest, dict), bundle_dir, "is not a JSON object")
+    _require(manifest.get("format") == FORMAT_NAME, bundle_dir,
+             f"not a patchcore-edge bundle (format {manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    _require(isinstance(version, int) and not isinstance(version, bool), bundle_dir, "missing format_version")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(
+            f"{bundle_dir / MANIFEST}: bundle format version {version} is not supported by this patchcore-edge "
+            f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-export the bundle with this "
+            "version, or install the patchcore-edge version that made it")
+    _validate_common(manifest, bundle_dir)
+    if version == 1:
+        _validate_v1(manifest, bundle_dir)
+        manifest = _migrate_v1(manifest)
+    _validate_method(manifest, bundle_dir)
     return manifest
 
 
@@ -213,7 +288,7 @@ def read_manifest(bundle_dir: os.PathLike | str, verify_files: bool = True) -> D
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BundleError(f"{path}: not valid JSON ({error}); restore it from the exported bundle") from None
-    validate_manifest(manifest, folder)
+    manifest = validate_manifest(manifest, folder)
     if verify_files:
         check_files(folder, manifest)
     return manifest
@@ -309,3 +384,270 @@ def utc_stamp() -> str:
     """A file-name-safe UTC timestamp with milliseconds, for unique bundle file names."""
     now = time.time()
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z"
+
+
+# ---------------------------------------------------------------------------------------------- the Bundle
+
+
+@dataclass(frozen=True)
+class FeaturesInfo:
+    """The exported network: `onnx_file` maps input `input_name` [B, 3, H, W] to the named `outputs`."""
+
+    onnx_file: str
+    input_name: str
+    outputs: Tuple[str, ...]
+    dim: int
+    grid: Tuple[int, int]
+    stride: int
+
+    @property
+    def output_name(self) -> str:
+        """The first (for PatchCore: the only) output, the patch-feature grid [B, h, w, dim]."""
+        return self.outputs[0]
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    file: str
+    dtype: str
+    shape: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """The scoring method: its registered name, its own settings and the bundle arrays/files it owns."""
+
+    name: str
+    params: Mapping[str, Any]
+    arrays: Mapping[str, ArrayRecord]
+    files: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class CalibrationRef:
+    file: str
+    previous: Optional[str]
+
+
+class Bundle:
+    """A loaded, validated bundle. The only code that knows the manifest's keys: everything else asks it."""
+
+    def __init__(self, path: Path, manifest: Dict[str, Any]) -> None:
+        self.path = Path(path)
+        self._manifest = manifest
+        features = manifest["features"]
+        self.features = FeaturesInfo(
+            onnx_file=str(features["onnx_file"]), input_name=str(features["input_name"]),
+            outputs=tuple(str(o) for o in features["outputs"]), dim=int(features["dim"]),
+            grid=(int(features["grid"][0]), int(features["grid"][1])), stride=int(features["stride"]))
+        method = manifest["method"]
+        self.method = MethodInfo(
+            name=str(method["name"]), params=MappingProxyType(json.loads(json.dumps(method.get("params", {})))),
+            arrays=MappingProxyType({key: ArrayRecord(str(r["file"]), str(r["dtype"]), tuple(int(n) for n in r["shape"]))
+                                     for key, r in method.get("arrays", {}).items()}),
+            files=MappingProxyType({key: str(name) for key, name in method.get("files", {}).items()}))
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], verify: bool = True, verify_calibration: bool = True) -> "Bundle":
+        """Read and validate a bundle; with verify, every listed file's size and sha256 are checked too.
+
+        verify_calibration=False skips the calibration files' check (calibrate replaces a damaged one).
+        """
+        folder = Path(path)
+        manifest = read_manifest(folder, verify_files=False)
+        if verify:
+            check_files(folder, manifest, skip=() if verify_calibration else calibration_files(manifest))
+        return cls(folder, manifest)
+
+    def reload(self) -> "Bundle":
+        return Bundle.load(self.path, verify=False)
+
+    def file(self, name: str) -> Path:
+        """Path of a file the bundle lists (BundleError for any other name)."""
+        if name not in self._manifest["files"]:
+            raise BundleError(f"{self.path / name}: not a file of this bundle")
+        return self.path / name
+
+    def has_file(self, name: str) -> bool:
+        return name in self._manifest["files"]
+
+    def file_sha256(self, name: str) -> str:
+        return str(self._manifest["files"][name]["sha256"])
+
+    def file_bytes(self, name: str) -> int:
+        return int(self._manifest["files"][name]["bytes"])
+
+    @property
+    def file_names(self) -> Tuple[str, ...]:
+        return tuple(self._manifest["files"])
+
+    def method_array(self, key: str) -> np.ndarray:
+        """One of the method's arrays, dtype and shape checked against the manifest record."""
+        record = self.method.arrays.get(key)
+        if record is None:
+            raise BundleError(f"{self.path / MANIFEST}: method {self.method.name} has no array {key!r}; "
+                              "re-export the bundle")
+        return load_array(self.path, record.file, np.dtype(record.dtype), record.shape)
+
+    def method_file(self, key: str) -> Path:
+        name = self.method.files.get(key)
+        if name is None:
+            raise BundleError(f"{self.path / MANIFEST}: method {self.method.name} has no file {key!r}; "
+                              "re-export the bundle")
+        return self.path / name
+
+    # ------------------------------------------------------------------------------------------ parts
+
+    @property
+    def format_version(self) -> int:
+        return int(self._manifest["format_version"])
+
+    @property
+    def toolkit_version(self) -> str:
+        return str(self._manifest["toolkit_version"])
+
+    @property
+    def input_spec(self) -> "InputSpec":
+        from .preprocess import InputSpec
+
+        return InputSpec.from_manifest(self._manifest["input"])
+
+    @property
+    def backbone(self) -> Mapping[str, Any]:
+        return MappingProxyType(dict(self._manifest["backbone"]))
+
+    @property
+    def layers(self) -> Tuple[str, ...]:
+        return tuple(self._manifest["layers"])
+
+    @property
+    def map_sigma(self) -> float:
+        """Gaussian blur of the pixel map, in network-input pixels."""
+        return float(self._manifest["score"]["gaussian_sigma"])
+
+    @property
+    def map_range(self) -> Optional[Tuple[float, float]]:
+        given = self._manifest["score"].get("map_range")
+        if isinstance(given, list) and len(given) == 2 and all(isinstance(v, (int, float)) for v in given):
+            return float(given[0]), float(given[1])
+        return None
+
+    @property
+    def training_scores(self) -> Optional[Dict[str, float]]:
+        """Quantiles (q..., min, max, n) of training images scored as new parts, recorded at export."""
+        recorded = self._manifest["score"].get("training_scores")
+        if isinstance(recorded, dict):
+            candidate = recorded.get("quantiles", recorded)
+            if isinstance(candidate, dict):
+                return {str(k): float(v) for k, v in candidate.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if isinstance(recorded, list):  # an early form: the plain scores
+            values = [float(v) for v in recorded if isinstance(v, (int, float))]
+            if values:
+                return {"max": max(values), "min": min(values), "n": float(len(values))}
+        return None
+
+    @property
+    def coverage_radius(self) -> Optional[float]:
+        """Largest distance of a training patch to the bank, when the method kept a coreset and measured it."""
+        coreset = self.method.params.get("coreset")
+        value = coreset.get("coverage_radius") if isinstance(coreset, Mapping) else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
+    def engines(self) -> List[Dict[str, Any]]:
+        """The TensorRT engine entries (their schema belongs to `patchcore_edge.trt`)."""
+        return [dict(entry) for entry in self._manifest.get("engines") or []]
+
+    @property
+    def calibration(self) -> Optional[CalibrationRef]:
+        entry = self._manifest.get("calibration")
+        if not entry:
+            return None
+        return CalibrationRef(str(entry["file"]), entry.get("previous"))
+
+    @property
+    def training_images_file(self) -> Optional[Path]:
+        entry = self._manifest.get("training_images")
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if name is None:
+            return None
+        return self.path / _safe_name(name, self.path)
+
+    @property
+    def training_image_count(self) -> Optional[int]:
+        entry = self._manifest.get("training_images")
+        count = entry.get("count") if isinstance(entry, dict) else None
+        return int(count) if isinstance(count, int) else None
+
+    def fingerprint(self) -> Dict[str, str]:
+        """sha256 of the files that define the scores: a calibration is valid for this bundle only."""
+        names = {"features_sha256": self.features.onnx_file}
+        for key, record in self.method.arrays.items():
+            names[f"{key}_sha256"] = record.file
+        return {key: self.file_sha256(name) for key, name in names.items() if self.has_file(name)}
+
+    def describe(self) -> Dict[str, Any]:
+        """What says which model this is, for reports (no file list)."""
+        m = self._manifest
+        return {
+            "format_version": self.format_version, "toolkit_version": self.toolkit_version,
+            "backbone": dict(m["backbone"]), "layers": list(m["layers"]), "input": dict(m["input"]),
+            "features": {"dim": self.features.dim, "grid": list(self.features.grid), "stride": self.features.stride},
+            "method": {"name": self.method.name, "params": json.loads(json.dumps(dict(self.method.params)))},
+            "score": {k: v for k, v in m["score"].items() if k != "training_scores"},
+            "engines": [{k: e.get(k) for k in ("file", "device", "precision")} for e in self.engines],
+            "calibrated": self.calibration is not None,
+            "bytes": sum(int(r["bytes"]) for r in m["files"].values()),
+        }
+
+    def manifest_copy(self) -> Dict[str, Any]:
+        """A deep copy of the manifest, for records that keep it whole (never for looking up fields)."""
+        return json.loads(json.dumps(self._manifest))
+
+    # ------------------------------------------------------------------------------------------ changes
+
+    def set_calibration(self, name: str, data: bytes, remove_older: bool = True) -> "Bundle":
+        """Add calibration file `name` as the current one; the current becomes previous, the older goes."""
+        current = self.calibration
+        previous = current.file if current else None
+        older = current.previous if current else None
+        remove = [older] if remove_older and older and older != previous and self.has_file(older) else []
+
+        def edit(edited: Dict[str, Any]) -> None:
+            edited["calibration"] = {"file": name, "previous": previous}
+
+        update_bundle(self.path, {name: data}, edit, remove=remove)
+        return self.reload()
+
+    def swap_calibrations(self) -> "Bundle":
+        """Make the previous calibration the current one and the current the previous."""
+        current = self.calibration
+        if current is None or not current.previous:
+            raise BundleError(f"{self.path}: there is no previous calibration")
+
+        def edit(edited: Dict[str, Any]) -> None:
+            edited["calibration"] = {"file": current.previous, "previous": current.file}
+
+        update_bundle(self.path, {}, edit)
+        return self.reload()
+
+    def set_engines(self, entries: Sequence[Mapping[str, Any]], new_files: Mapping[str, bytes],
+                    remove: Sequence[str] = ()) -> "Bundle":
+        """Replace the engine list (entries from `patchcore_edge.trt`), adding and removing their files."""
+
+        def edit(edited: Dict[str, Any]) -> None:
+            edited["engines"] = [dict(e) for e in entries]
+
+        update_bundle(self.path, new_files, edit, remove=remove)
+        return self.reload()
+
+    def unique_name(self, base: str, suffix: str) -> str:
+        """A file name not yet used in the bundle folder: base+suffix, else base-2+suffix, ..."""
+        name, n = f"{base}{suffix}", 1
+        while self.has_file(name) or (self.path / name).exists():
+            n += 1
+            name = f"{base}-{n}{suffix}"
+        return name

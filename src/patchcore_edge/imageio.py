@@ -8,17 +8,14 @@ from typing import Iterable, List, Sequence, Tuple
 
 import cv2
 import numpy as np
+from .errors import FileProblem
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 
 
-class ImageReadError(Exception):
+class ImageReadError(FileProblem):
     """An image file that cannot be used, with the reason in words a user can act on."""
 
-    def __init__(self, path: os.PathLike | str, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 def to_rgb8(decoded: np.ndarray, path: os.PathLike | str = "<array>") -> np.ndarray:

@@ -8,7 +8,7 @@ Patches tied with E (a_j == E) are searched too, so that the patch chosen as p* 
 maximum) is the one a full exact search would choose. Otherwise r doubles (capped at the patches whose a_j
 still reaches E) until the condition holds, at worst after every patch was searched exactly.
 
-Runs on the device: numpy and OpenCV only.
+Runs on the device: numpy only. The pixel map from patch distances is `patchcore_edge.maps`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
-import cv2
 import numpy as np
 
 from .search import PatchSearch, row_distances
 
 DEFAULT_RERANK = 8
-DEFAULT_SIGMA = 4.0
 
 
 @dataclass(frozen=True)
@@ -44,11 +42,6 @@ class PatchScores:
     nearest_bank_index: int
     reranked: int
     weight: float
-
-
-def gaussian_kernel_size(sigma: float) -> int:
-    """Kernel size of the PatchCore reference: radius int(4 sigma + 0.5) (scipy's truncate=4), 33 for sigma 4."""
-    return 2 * int(4.0 * sigma + 0.5) + 1
 
 
 def reweight(neighbour_distances: np.ndarray) -> np.ndarray:
@@ -138,28 +131,3 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
                         patch_distances=distances[i].copy(), argmax=int(argmax[i]),
                         nearest_bank_index=int(m_star[i]), reranked=int(done[i]), weight=float(weights[i]))
             for i in range(batch)]
-
-
-def anomaly_map(patch_distances: np.ndarray, crop: int, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
-    """Patch distances [h, w] -> float32 [crop, crop] pixel anomaly map.
-
-    As amazon-science/patchcore-inspection (RescaleSegmentor): bilinear upsampling with half-pixel centres
-    (OpenCV INTER_LINEAR == torch interpolate(mode="bilinear", align_corners=False)), then a Gaussian blur
-    with sigma in crop pixels, kernel 2 * int(4 sigma + 0.5) + 1 and scipy.ndimage's "reflect" border
-    (edge pixel repeated: OpenCV BORDER_REFLECT). anomalib differs: nearest upsampling and torch "reflect"
-    (edge not repeated, BORDER_REFLECT_101). sigma <= 0 skips the blur.
-    """
-    grid = np.asarray(patch_distances)
-    if grid.ndim != 2 or grid.shape[0] < 1 or grid.shape[1] < 1:
-        raise ValueError(f"patch distances must be a 2-D grid [h, w], got shape {grid.shape}")
-    if int(crop) < 1:
-        raise ValueError(f"crop must be >= 1, got {crop}")
-    grid = np.ascontiguousarray(grid, dtype=np.float32)
-    if not np.isfinite(grid).all():
-        raise ValueError("patch distances contain NaN or infinite values")
-    upsampled = cv2.resize(grid, (int(crop), int(crop)), interpolation=cv2.INTER_LINEAR)
-    if sigma <= 0:
-        return upsampled
-    size = gaussian_kernel_size(float(sigma))
-    return cv2.GaussianBlur(upsampled, (size, size), sigmaX=float(sigma), sigmaY=float(sigma),
-                            borderType=cv2.BORDER_REFLECT)

@@ -18,6 +18,7 @@ from typing import Any, ContextManager, Optional, Tuple, Union
 
 import hnswlib  # type: ignore[import-untyped]
 import numpy as np
+from .errors import FileProblem
 
 # Chosen from benchmarks/results/search.md (real MobileNetV2 bottle features, 784 queries per image):
 # M=16, ef_construction=200, ef=32 gives recall@1 0.998 (16k x 128), 0.992 (100k x 128), 0.998 (16k x 1024),
@@ -48,13 +49,9 @@ _LABEL_BYTES = 8
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class IndexFileError(Exception):
+class IndexFileError(FileProblem):
     """An hnswlib index file that cannot be used with this bank, with the reason."""
 
-    def __init__(self, path: PathLike, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -328,6 +325,35 @@ def validate_neighbours(neighbours: np.ndarray, count: int) -> np.ndarray:
     if not np.array_equal(array[:, 0], np.arange(count)):
         raise ValueError("bank neighbours: each row must list the row itself first")
     return np.ascontiguousarray(array, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+# hnswlib's layout (hnswalg.h), for estimates before an index exists (devices fit, export size caps).
+_HNSW_HEADER_BYTES = 96
+_HNSW_LABEL_LOCKS = 65536
+_MUTEX_BYTES = 40
+_LABEL_MAP_ENTRY_BYTES = 40
+
+
+def _hnsw_upper_levels(m: int) -> float:
+    """Expected upper levels per element: level ~ floor(-ln(U) / ln(M)), so P(level >= l) = M^-l."""
+    return 1.0 / (m - 1)
+
+
+def index_file_bytes(count: int, dim: int, m: int) -> int:
+    """Expected size of an hnswlib index file (saveIndex): header, level-0 block, per-element upper links."""
+    level0 = 2 * m * 4 + 4 + dim * 4 + 8
+    upper = (m * 4 + 4) * _hnsw_upper_levels(m)
+    return int(_HNSW_HEADER_BYTES + count * (level0 + 4) + count * upper)
+
+
+def index_resident_bytes(count: int, dim: int, m: int, search_threads: int = 1) -> int:
+    level0 = 2 * m * 4 + 4 + dim * 4 + 8
+    per_element = level0 + 8 + 4 + _MUTEX_BYTES + _LABEL_MAP_ENTRY_BYTES
+    upper = (m * 4 + 4 + 16) * _hnsw_upper_levels(m)
+    visited = 2 * count * max(1, search_threads)
+    return int(count * (per_element + upper) + visited + _HNSW_LABEL_LOCKS * _MUTEX_BYTES)
+
 
 
 class PatchSearch:

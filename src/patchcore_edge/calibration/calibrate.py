@@ -1,7 +1,7 @@
 """Calibrate a bundle in the field: score folders with the runtime Detector, set thresholds, guard, write, roll back.
 
-Nothing here changes the bundle until every number is computed; the write itself is one `bundle.update_bundle`
-call (manifest.json is replaced last), so an interruption leaves the old or the new calibration, never a mix.
+Nothing here changes the bundle until every number is computed; the write itself is one one `Bundle.set_calibration`
+call (`Bundle.set_calibration`: manifest.json is replaced last), so an interruption leaves the old or the new calibration, never a mix.
 """
 
 from __future__ import annotations
@@ -18,17 +18,11 @@ import cv2
 import numpy as np
 
 from .. import __version__
-from ..bundle import BundleError, read_manifest, update_bundle, utc_stamp
+from ..bundle import Bundle, BundleError, utc_stamp
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, decode_rgb, list_images, read_rgb
-from . import thresholds as stats
-from .model import (
-    Calibration,
-    CalibrationError,
-    ImageCalibration,
-    PixelCalibration,
-    bundle_fingerprint,
-    check_binding,
-)
+from .. import stats
+from ..decision import Calibration, CalibrationError, ImageCalibration, PixelCalibration, check_binding
+from ..runtime.detector import Detector
 
 # Below this many usable nominal images the order statistics say next to nothing (the maximum of 9 images
 # guarantees only a 28 % false-alarm rate at 95 % confidence) and the robust summaries (quartiles) are noise.
@@ -228,11 +222,9 @@ def _add_pixels(out: ScoredFolder, path: Path, folder: Path, masks_root: Path, a
 # ---------------------------------------------------------------------------------------------- bundle helpers
 
 
-def training_hashes(bundle_dir: Path, manifest: Mapping[str, Any]) -> Set[str]:
+def training_hashes(bundle: Bundle) -> Set[str]:
     """sha256 of the images the bank was built from (empty when the bundle does not record them)."""
-    entry = manifest.get("training_images") or {}
-    name = entry.get("file", "training_images.json") if isinstance(entry, dict) else "training_images.json"
-    path = Path(bundle_dir) / str(name)
+    path = bundle.training_images_file or bundle.path / "training_images.json"
     if not path.is_file():
         return set()
     try:
@@ -242,40 +234,33 @@ def training_hashes(bundle_dir: Path, manifest: Mapping[str, Any]) -> Set[str]:
         raise CalibrationError(f"{path}: unreadable list of training images ({error}); re-export the bundle") from None
 
 
-def current_calibration(bundle_dir: Path, manifest: Mapping[str, Any]) -> Optional[Calibration]:
-    entry = manifest.get("calibration")
-    if not entry:
+def current_calibration(bundle: Bundle) -> Optional[Calibration]:
+    ref = bundle.calibration
+    if ref is None:
         return None
-    return Calibration.load(Path(bundle_dir) / str(entry["file"]))
+    return Calibration.load(bundle.path / ref.file)
 
 
-def reference_quantiles(manifest: Mapping[str, Any], previous: Optional[Calibration]
+def reference_quantiles(bundle: Bundle, previous: Optional[Calibration]
                         ) -> Tuple[Optional[Dict[str, float]], str]:
     """Nominal score quantiles to compare with: the export's held-out scores if recorded, else the last calibration."""
-    recorded = (manifest.get("score") or {}).get("training_scores")
-    if isinstance(recorded, dict):
-        candidate = recorded.get("quantiles", recorded)
-        if isinstance(candidate, dict) and all(k in candidate for k in ("q25", "q50", "q75")):
-            return {k: float(v) for k, v in candidate.items() if isinstance(v, (int, float))}, "the export"
+    recorded = bundle.training_scores
+    if recorded is not None and all(k in recorded for k in ("q25", "q50", "q75")):
+        return recorded, "the export"
     if previous is not None:
         return dict(previous.nominal_scores), f"the current calibration ({previous.created_utc or 'undated'})"
     return None, ""
 
 
-def default_min_defect_area(manifest: Mapping[str, Any], short_side: int) -> int:
+def default_min_defect_area(bundle: Bundle, short_side: int) -> int:
     """A quarter of one feature cell, in original-image pixels.
 
     The map comes from a grid with one cell per `stride` crop pixels, upsampled and blurred: a region smaller
     than a quarter cell is the tip of a blob barely crossing the threshold, not a structure the model resolved.
     """
-    features = manifest.get("features", {})
-    spec = manifest.get("input", {})
-    stride = features.get("stride")
-    if not isinstance(stride, (int, float)) or stride <= 0:
-        crop = float(spec.get("crop", 224))
-        stride = crop / float(features.get("grid", [28, 28])[1])
-    resize = float(spec.get("resize", 256))
-    cell = float(stride) * short_side / resize
+    stride = float(bundle.features.stride)
+    resize = float(bundle.input_spec.resize)
+    cell = stride * short_side / resize
     return max(1, round((cell / 2.0) ** 2))
 
 
@@ -358,7 +343,7 @@ def _require_enough(nominal: List[ScoredImage], scored: ScoredFolder, alpha: flo
         "of good parts to the folder and run calibrate again")
 
 
-def calibrate(detector: Any, manifest: Mapping[str, Any], bundle_dir: Path, nominal_dir: Path,
+def calibrate(detector: Any, bundle: Bundle, nominal_dir: Path,
               defects_dir: Optional[Path] = None, masks_dir: Optional[Path] = None, false_alarm_rate: float = 0.01,
               confidence: float = 0.95, optimise: Optional[str] = None, min_defect_area: Optional[int] = None,
               batch_size: int = 4, progress: Progress = _no_progress) -> CalibrationOutcome:
@@ -384,12 +369,12 @@ def calibrate(detector: Any, manifest: Mapping[str, Any], bundle_dir: Path, nomi
         raise CalibrationError(f"{defects_dir}: not a folder of defect images")
 
     findings: List[Finding] = []
-    training = training_hashes(bundle_dir, manifest)
+    training = training_hashes(bundle)
     if not training:
         findings.append(Finding("no-training-list", "the bundle does not list its training images, so the check "
                                 "that calibration images are new to the bundle was not possible", "info"))
     try:
-        previous = current_calibration(bundle_dir, manifest)
+        previous = current_calibration(bundle)
     except CalibrationError as error:
         # A broken current calibration must not block its replacement; only the shift test needs it.
         previous = None
@@ -430,21 +415,21 @@ def calibrate(detector: Any, manifest: Mapping[str, Any], bundle_dir: Path, nomi
     defect_scores = np.array([i.score for i in defects])
     image = _image_calibration(nominal_scores, defect_scores, false_alarm_rate, confidence, optimise, findings)
     short_side = int(np.median(scored.short_sides)) if scored.short_sides else 0
-    pixel, pixel_nominal = _pixel_calibration(nominal, defects_scored, manifest, short_side, min_defect_area, image,
+    pixel, pixel_nominal = _pixel_calibration(nominal, defects_scored, bundle, short_side, min_defect_area, image,
                                               findings)
-    _guard_rails(nominal, defects, image, manifest, previous, findings)
+    _guard_rails(nominal, defects, image, bundle, previous, findings)
 
     calibration = Calibration(
         image=image, pixel=pixel, nominal_scores=stats.quantiles(nominal_scores),
         created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), toolkit_version=__version__,
-        bundle=bundle_fingerprint(manifest), warnings=[f.as_record() for f in findings if f.severity == "warning"],
+        bundle=bundle.fingerprint(), warnings=[f.as_record() for f in findings if f.severity == "warning"],
         sources={"nominal_dir": str(nominal_dir), "defects_dir": None if defects_dir is None else str(defects_dir),
                  "masks_dir": None if masks_dir is None else str(masks_dir), "nominal_used": len(nominal),
                  "defects_used": len(defects), "excluded": len(excluded), "skipped": len(skipped),
                  "backend": str(getattr(detector, "backend_name", "unknown"))})
     return CalibrationOutcome(calibration=calibration, nominal=nominal, defects=defects, excluded=excluded,
                               skipped=skipped, findings=findings, pixel_nominal_threshold=pixel_nominal,
-                              bundle_dir=Path(bundle_dir))
+                              bundle_dir=bundle.path)
 
 
 def _image_calibration(nominal: np.ndarray, defects: np.ndarray, alpha: float, confidence: float,
@@ -495,7 +480,7 @@ def _image_calibration(nominal: np.ndarray, defects: np.ndarray, alpha: float, c
         n_defect=int(defects.size), recall=recall, precision=precision, f1=f1)
 
 
-def _pixel_calibration(nominal: List[ScoredImage], defects: Optional[ScoredFolder], manifest: Mapping[str, Any],
+def _pixel_calibration(nominal: List[ScoredImage], defects: Optional[ScoredFolder], bundle: Bundle,
                        short_side: int, min_area: Optional[int], image: ImageCalibration, findings: List[Finding]
                        ) -> Tuple[Optional[PixelCalibration], Optional[float]]:
     tops = [i.top_values for i in nominal if i.top_values is not None and i.top_values.size]
@@ -503,7 +488,7 @@ def _pixel_calibration(nominal: List[ScoredImage], defects: Optional[ScoredFolde
         findings.append(Finding("no-maps", "the detector returned no anomaly maps, so no pixel threshold was set",
                                 "info"))
         return None, None
-    area = default_min_defect_area(manifest, short_side) if min_area is None else int(min_area)
+    area = default_min_defect_area(bundle, short_side) if min_area is None else int(min_area)
     rank = max(1, area)
     # Per image, the min_area-th largest map value: above it fewer than min_area pixels exceed the threshold, so no
     # region of min_area pixels can appear. Its order statistic carries the image-level guarantee over to masks.
@@ -537,9 +522,9 @@ def _pixel_calibration(nominal: List[ScoredImage], defects: Optional[ScoredFolde
 
 
 def _guard_rails(nominal: List[ScoredImage], defects: List[ScoredImage], image: ImageCalibration,
-                 manifest: Mapping[str, Any], previous: Optional[Calibration], findings: List[Finding]) -> None:
+                 bundle: Bundle, previous: Optional[Calibration], findings: List[Finding]) -> None:
     scores = np.array([i.score for i in nominal])
-    reference, origin = reference_quantiles(manifest, previous)
+    reference, origin = reference_quantiles(bundle, previous)
     if reference is not None:
         shift = stats.distribution_shift(reference, scores)
         if shift.moved:
@@ -579,74 +564,46 @@ def _guard_rails(nominal: List[ScoredImage], defects: List[ScoredImage], image: 
 # ---------------------------------------------------------------------------------------------- write / rollback
 
 
-def _new_name(bundle_dir: Path, manifest: Mapping[str, Any]) -> str:
-    base = f"calibration-{utc_stamp()}"
-    name = f"{base}.json"
-    suffix = 1
-    while name in manifest["files"] or (bundle_dir / name).exists():
-        suffix += 1
-        name = f"{base}-{suffix}.json"
-    return name
-
-
-def write_calibration(bundle_dir: Path, calibration: Calibration) -> str:
+def write_calibration(bundle: Bundle, calibration: Calibration) -> str:
     """Add the calibration to the bundle as the current one; the current becomes previous, older ones go."""
-    bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir, verify_files=False)
-    check_binding(calibration, manifest, str(bundle_dir))
-    name = _new_name(bundle_dir, manifest)
-    entry = manifest.get("calibration") or {}
-    current = entry.get("file")
-    older = entry.get("previous")
-    remove = [older] if older and older != current and older in manifest["files"] else []
-
-    def edit(edited: Dict[str, Any]) -> None:
-        edited["calibration"] = {"file": name, "previous": current}
-
-    update_bundle(bundle_dir, {name: calibration.to_json_bytes()}, edit, remove=remove)
+    check_binding(calibration, bundle, str(bundle.path))
+    name = bundle.unique_name(f"calibration-{utc_stamp()}", ".json")
+    bundle.set_calibration(name, calibration.to_json_bytes())
     return name
 
 
-def rollback(bundle_dir: Path) -> Tuple[str, str]:
+def rollback(bundle: Bundle) -> Tuple[str, str]:
     """Swap the current and previous calibrations; returns (now current, now previous)."""
-    bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir, verify_files=False)
-    entry = manifest.get("calibration")
-    if not entry:
-        raise CalibrationError(f"{bundle_dir}: the bundle has no calibration, so there is nothing to roll back; "
+    ref = bundle.calibration
+    if ref is None:
+        raise CalibrationError(f"{bundle.path}: the bundle has no calibration, so there is nothing to roll back; "
                                "run `patchcore-edge calibrate BUNDLE NOMINAL_DIR` to make one")
-    current, previous = entry.get("file"), entry.get("previous")
-    if not previous:
-        raise CalibrationError(f"{bundle_dir}: there is no previous calibration to roll back to (only "
-                               f"{current}); calibrate again with other images to replace it")
-    record = manifest["files"][previous]
-    path = bundle_dir / previous
-    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+    if not ref.previous:
+        raise CalibrationError(f"{bundle.path}: there is no previous calibration to roll back to (only "
+                               f"{ref.file}); calibrate again with other images to replace it")
+    path = bundle.path / ref.previous
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != bundle.file_sha256(ref.previous):
         raise CalibrationError(f"{path}: the previous calibration is missing or altered, so it cannot be restored; "
                                "calibrate again instead")
-    check_binding(Calibration.load(path), manifest, str(path))
-
-    def edit(edited: Dict[str, Any]) -> None:
-        edited["calibration"] = {"file": previous, "previous": current}
-
-    update_bundle(bundle_dir, {}, edit)
-    return previous, current
+    check_binding(Calibration.load(path), bundle, str(path))
+    bundle.swap_calibrations()
+    return ref.previous, ref.file
 
 
 # ---------------------------------------------------------------------------------------------- check
 
 
-def check(detector: Any, manifest: Mapping[str, Any], bundle_dir: Path, folder: Path,
+def check(detector: Any, bundle: Bundle, folder: Path,
           confidence: Optional[float] = None, batch_size: int = 4, progress: Progress = _no_progress) -> CheckOutcome:
     """Score fresh good parts against the current calibration: observed false-alarm rate and its exact interval."""
-    calibration = current_calibration(bundle_dir, manifest)
+    calibration = current_calibration(bundle)
     if calibration is None:
-        raise CalibrationError(f"{bundle_dir}: the bundle has no calibration to check; run `patchcore-edge calibrate "
+        raise CalibrationError(f"{bundle.path}: the bundle has no calibration to check; run `patchcore-edge calibrate "
                                "BUNDLE NOMINAL_DIR` first")
-    check_binding(calibration, manifest, str(bundle_dir))
+    check_binding(calibration, bundle, str(bundle.path))
     level = calibration.image.confidence if confidence is None else float(confidence)
     findings: List[Finding] = []
-    training = training_hashes(bundle_dir, manifest)
+    training = training_hashes(bundle)
     masker = calibration.mask if calibration.pixel is not None else None
     scored = score_folder(detector, Path(folder), "nominal", training, masker=masker, batch_size=batch_size,
                           progress=progress)
@@ -682,10 +639,8 @@ def check(detector: Any, manifest: Mapping[str, Any], bundle_dir: Path, folder: 
 
 
 def load_detector(bundle_dir: Path, backend: str = "auto") -> Any:
-    """The runtime Detector for the bundle (imported here so that the statistics never need the runtime)."""
-    from ..runtime.detector import Detector
-
-    return Detector.load(bundle_dir, backend=backend, calibration=False)
+    """The runtime Detector for the bundle, its current calibration unread (this command replaces it)."""
+    return Detector.load(bundle_dir, backend=backend, ignore_calibration=True)
 
 
 __all__ = [

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..bundle import write_file_atomic
 from .calibrate import CalibrationOutcome, CheckOutcome, Finding, ScoredImage
-from .model import Calibration
+from ..decision import Calibration
 
 NOMINAL_BGR = (60, 160, 60)
 DEFECT_BGR = (50, 50, 210)

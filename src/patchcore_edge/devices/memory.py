@@ -33,6 +33,9 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..bundle import Bundle
+from ..methods import scorer_class
+from ..search import index_resident_bytes
 from .profiles import Profile
 
 MIB = 1 << 20
@@ -47,32 +50,6 @@ ACTIVATION_INPUT_FACTOR = 16.0
 # NOT measured here (no GPU in this project's CI): CUDA context plus TensorRT, cuDNN and cuBLAS libraries
 # mapped into the process on a Jetson. An assumption to check with `tegrastats` on the board.
 TENSORRT_RUNTIME_BYTES = 800 * MIB
-_HNSW_HEADER_BYTES = 96
-_HNSW_LABEL_LOCKS = 65536
-_MUTEX_BYTES = 40
-_LABEL_MAP_ENTRY_BYTES = 40
-
-
-def _hnsw_upper_levels(m: int) -> float:
-    """Expected upper levels per element: level ~ floor(-ln(U) / ln(M)), so P(level >= l) = M^-l."""
-    return 1.0 / (m - 1)
-
-
-def index_file_bytes(count: int, dim: int, m: int) -> int:
-    """Expected size of an hnswlib index file (saveIndex): header, level-0 block, per-element upper links."""
-    level0 = 2 * m * 4 + 4 + dim * 4 + 8
-    upper = (m * 4 + 4) * _hnsw_upper_levels(m)
-    return int(_HNSW_HEADER_BYTES + count * (level0 + 4) + count * upper)
-
-
-def index_resident_bytes(count: int, dim: int, m: int, search_threads: int = 1) -> int:
-    level0 = 2 * m * 4 + 4 + dim * 4 + 8
-    per_element = level0 + 8 + 4 + _MUTEX_BYTES + _LABEL_MAP_ENTRY_BYTES
-    upper = (m * 4 + 4 + 16) * _hnsw_upper_levels(m)
-    visited = 2 * count * max(1, search_threads)
-    return int(count * (per_element + upper) + visited + _HNSW_LABEL_LOCKS * _MUTEX_BYTES)
-
-
 def onnx_peak_activation_bytes(onnx_path: Path, batch: int) -> Optional[int]:
     """Peak bytes of intermediate tensors alive at once (liveness over the topologically sorted graph).
 
@@ -132,16 +109,9 @@ def onnx_peak_activation_bytes(onnx_path: Path, batch: int) -> Optional[int]:
     return peak
 
 
-def _model_file_bytes(manifest: Mapping[str, Any], name: Optional[str]) -> int:
-    if name is None:
-        return 0
-    record = manifest.get("files", {}).get(name)
-    return int(record["bytes"]) if isinstance(record, dict) and "bytes" in record else 0
-
-
-def estimate_memory(manifest: Mapping[str, Any], profile: Profile, *, variant: Optional[str] = None,
+def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] = None,
                     batch: Optional[int] = None, backend: Optional[str] = None,
-                    bundle_dir: Optional[Path] = None, memory_total_mb: Optional[int] = None,
+                    measure_activations: bool = True, memory_total_mb: Optional[int] = None,
                     search_threads: int = 1) -> Dict[str, Any]:
     """Memory of the bundle on the profile's board, by component, with the budget and a warning if it does not fit.
 
@@ -154,21 +124,16 @@ def estimate_memory(manifest: Mapping[str, Any], profile: Profile, *, variant: O
     if chosen_backend == "tensorrt" and not profile.engines_supported:
         chosen_backend = "onnxruntime"
     images = int(batch or defaults.get("max_batch") or 1)
-    features = manifest["features"]
-    count = int(manifest["coreset"]["size"])
-    dim = int(features["dim"])
-    m = int(manifest["index"]["M"])
-    b = int(manifest["score"]["reweight_neighbours"])
-    crop = int(manifest["input"]["crop"])
-    grid_h, grid_w = (int(g) for g in features["grid"])
+    features = bundle.features
+    crop = bundle.input_spec.crop
     assumptions: List[str] = []
 
-    onnx_name = str(features.get("onnx_file", "features.onnx"))
-    onnx_bytes = _model_file_bytes(manifest, onnx_name)
+    onnx_name = features.onnx_file
+    onnx_bytes = bundle.file_bytes(onnx_name)
     if chosen_backend == "tensorrt":
-        engines = [e for e in manifest.get("engines", []) if e.get("device") == profile.name]
+        engines = [e for e in bundle.engines if e.get("device") == profile.name]
         if engines:
-            model = max(_model_file_bytes(manifest, e.get("file")) for e in engines)
+            model = max(bundle.file_bytes(str(e.get("file"))) for e in engines if bundle.has_file(str(e.get("file"))))
         else:
             precision = str(defaults.get("precision") or "fp16")
             model = int(onnx_bytes * {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}.get(precision, 0.5))
@@ -181,10 +146,10 @@ def estimate_memory(manifest: Mapping[str, Any], profile: Profile, *, variant: O
         runtime_overhead = PYTHON_RUNTIME_BYTES + ORT_SESSION_BYTES
 
     input_bytes = images * 3 * crop * crop * 4
-    output_bytes = images * grid_h * grid_w * dim * 4
+    output_bytes = images * features.grid[0] * features.grid[1] * features.dim * 4
     peak: Optional[int] = None
-    if bundle_dir is not None:
-        peak = onnx_peak_activation_bytes(Path(bundle_dir) / onnx_name, images)
+    if measure_activations:
+        peak = onnx_peak_activation_bytes(bundle.path / onnx_name, images)
     if peak is None:
         peak = int(ACTIVATION_INPUT_FACTOR * input_bytes)
         assumptions.append(f"activations taken as {ACTIVATION_INPUT_FACTOR:g}x the input batch (install `onnx` "
@@ -197,9 +162,7 @@ def estimate_memory(manifest: Mapping[str, Any], profile: Profile, *, variant: O
         activations = int(ORT_ARENA_FACTOR * peak) + ORT_ARENA_EXTRA_BYTES
 
     components = {
-        "bank": count * dim * 4 + count * 4,
-        "index": index_resident_bytes(count, dim, m, search_threads),
-        "neighbours": count * b * 4,
+        **scorer_class(bundle.method.name).resident_bytes(bundle, search_threads),
         "model": model,
         "activations": activations,
         "runtime_overhead": runtime_overhead,
@@ -219,12 +182,16 @@ def estimate_memory(manifest: Mapping[str, Any], profile: Profile, *, variant: O
         where = profile.name
     warning: Optional[str] = None
     fits: Optional[bool] = None
+    arrays = bundle.method.arrays
+    key = max(arrays, key=lambda k: math.prod(arrays[k].shape), default=None)
+    largest = "memory bank" if key is None else key.replace("_", " ")
+    shape = "?" if key is None else " x ".join(str(n) for n in arrays[key].shape)
     if budget is not None:
         fits = total <= budget
         if not fits:
             warning = (f"needs about {total / MIB:.0f} MiB, more than the {budget / MIB:.0f} MiB budget of {where} "
-                       f"({fraction:.0%} of its memory): re-export with a smaller coreset (now {count} x {dim}), "
-                       "a smaller backbone or batch, or pick a larger board")
+                       f"({fraction:.0%} of its memory): re-export with a smaller {largest} (now "
+                       f"{shape}), a smaller backbone or batch, or pick a larger board")
     return {"device": profile.name, "variant": chosen_variant.name, "backend": chosen_backend, "batch": images,
             "components": components, "total": total, "budget": budget, "fits": fits, "warning": warning,
             "assumptions": assumptions}

@@ -22,19 +22,16 @@ import cv2
 import numpy as np
 
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_rgb
+from ..errors import FileProblem
 
 GOOD = "good"
 PLAIN_DEFECT = "bad"
 MASK_SUFFIX = "_mask"
 
 
-class DatasetError(Exception):
+class DatasetError(FileProblem):
     """A dataset problem, naming the file or folder and what to do about it."""
 
-    def __init__(self, path: os.PathLike | str, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
 
 @dataclass(frozen=True)

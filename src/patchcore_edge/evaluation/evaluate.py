@@ -39,20 +39,6 @@ def reduce_to(anomaly_map: np.ndarray, mask: Optional[np.ndarray],
     return small, coverage >= 0.5
 
 
-def manifest_summary(manifest: Dict[str, Any]) -> Dict[str, Any]:
-    """The manifest fields that say which model was evaluated (no file list)."""
-    keys = ("format_version", "toolkit_version", "backbone", "layers", "input", "features", "coreset",
-            "index", "score")
-    summary = {k: manifest[k] for k in keys if k in manifest}
-    if isinstance(summary.get("features"), dict):
-        summary["features"] = {k: v for k, v in summary["features"].items()
-                               if k in ("dim", "grid", "stride")}
-    summary["engines"] = [{k: e.get(k) for k in ("file", "device", "precision")}
-                          for e in manifest.get("engines") or [] if isinstance(e, dict)]
-    summary["calibrated"] = bool(manifest.get("calibration"))
-    return summary
-
-
 def _metric_block(scores: np.ndarray, labels: np.ndarray, entries: Sequence[PixelEntry],
                   pixel_reason: Optional[str], fpr_limit: float) -> Dict[str, Any]:
     image_auroc = auroc(scores, labels)
@@ -163,7 +149,7 @@ def evaluate(detector: Any, dataset: EvalDataset, pixel_size: Optional[int] = No
         "dataset": {"root": str(dataset.root), "layout": dataset.layout, "counts": dataset.counts(),
                     "with_masks": sum(1 for s in samples if s.mask_path is not None),
                     "warnings": list(dataset.warnings)},
-        "bundle": manifest_summary(getattr(detector, "manifest", None) or {}),
+        "bundle": detector.bundle.describe() if getattr(detector, "bundle", None) is not None else {},
         "backend": getattr(detector, "backend_name", None),
         "pixel_evaluation": {
             "resolution": ("native resolution" if pixel_size is None
@@ -216,12 +202,12 @@ def report_markdown(report: Dict[str, Any]) -> str:
     backbone = bundle["backbone"].get("name", "?") if isinstance(bundle.get("backbone"), dict) else "?"
     counts = ", ".join(f"{k} {v}" for k, v in data["counts"].items())
     limit = report["pixel_evaluation"]["aupro_fpr_limit"]
-    coreset = (bundle.get("coreset") or {}).get("size", "?")
+    method = (bundle.get("method") or {}).get("name", "?")
     skipped = f"; skipped {len(report['skipped'])}" if report["skipped"] else ""
     lines = [
         f"## patchcore-edge eval: {data['root']}",
         "",
-        f"- model: backbone {backbone}, coreset {coreset}; backend: {report.get('backend') or '?'}",
+        f"- model: backbone {backbone}, method {method}; backend: {report.get('backend') or '?'}",
         (f"- pixel metrics at {report['pixel_evaluation']['resolution']} "
          f"(exact; AUPRO up to FPR {limit:g}, 8-connected regions)"),
         f"- images scored: {report['timing']['images']} (found: {counts}){skipped}",

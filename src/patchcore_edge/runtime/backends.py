@@ -8,15 +8,17 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from ..bundle import BundleError
+from ..bundle import Bundle, BundleError
 
 
 class FeatureBackend(Protocol):
+    """Runs the bundle's network: a normalised image batch in, every output the method needs, by name."""
+
     name: str
     max_batch: Optional[int]
 
-    def features(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [B, 3, crop, crop] -> float32 [B, h, w, D]."""
+    def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+        """float32 [B, 3, H, W] -> {output name: float32 [B, ...]}."""
         ...
 
     def close(self) -> None:
@@ -34,7 +36,7 @@ class OnnxRuntimeFeatures:
 
     max_batch: Optional[int] = None
 
-    def __init__(self, onnx_path: Path, input_name: str, output_name: str, threads: Optional[int] = None,
+    def __init__(self, onnx_path: Path, input_name: str, output_names: Sequence[str], threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None) -> None:
         import onnxruntime as ort
 
@@ -58,21 +60,23 @@ class OnnxRuntimeFeatures:
             raise BundleError(f"{onnx_path}: ONNX Runtime cannot load it ({error}); re-export the bundle") from None
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
-        if input_name not in inputs or output_name not in outputs:
-            raise BundleError(f"{onnx_path}: expected input {input_name!r} and output {output_name!r}, the model has "
-                              f"{inputs} -> {outputs}; re-export the bundle")
-        self.input_name, self.output_name = input_name, output_name
+        missing = [name for name in output_names if name not in outputs]
+        if input_name not in inputs or missing:
+            raise BundleError(f"{onnx_path}: expected input {input_name!r} and outputs {list(output_names)}, the "
+                              f"model has {inputs} -> {outputs}; re-export the bundle")
+        self.input_name, self.output_names = input_name, list(output_names)
         provider = self.session.get_providers()[0]
         self.name = "onnxruntime:" + provider.replace("ExecutionProvider", "").lower()
         self.run_batch = CPU_RUN_BATCH if provider == "CPUExecutionProvider" else None
 
-    def features(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
         images = np.ascontiguousarray(batch, np.float32)
         step = self.run_batch or max(1, images.shape[0])
-        outputs = [self.session.run([self.output_name], {self.input_name: images[start:start + step]})[0]
-                   for start in range(0, images.shape[0], step)]
-        out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
-        return np.asarray(out, dtype=np.float32)
+        runs = [self.session.run(self.output_names, {self.input_name: images[start:start + step]})
+                for start in range(0, images.shape[0], step)]
+        return {name: np.asarray(runs[0][i] if len(runs) == 1 else np.concatenate([r[i] for r in runs]),
+                                 dtype=np.float32)
+                for i, name in enumerate(self.output_names)}
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
@@ -81,25 +85,43 @@ class OnnxRuntimeFeatures:
 BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
 
 
-def open_backend(bundle_dir: Path, manifest: Dict[str, Any], backend: str = "auto",
-                 threads: Optional[int] = None) -> Tuple[FeatureBackend, str]:
+class SingleOutputBackend:
+    """A backend whose `features(batch)` returns the one output (TensorRT engines of single-output networks)."""
+
+    def __init__(self, inner: Any, output_name: str) -> None:
+        self.inner = inner
+        self.output_name = output_name
+        self.name = inner.name
+        self.max_batch = getattr(inner, "max_batch", None)
+
+    def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+        return {self.output_name: self.inner.features(batch)}
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] = None
+                 ) -> Tuple[FeatureBackend, str]:
     """The feature backend asked for, and a one-line note of why it was chosen."""
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
-    features = manifest["features"]
+    features = bundle.features
     if backend in ("auto", "tensorrt"):
         from .. import trt
 
-        engine, reason = trt.find_engine(bundle_dir, manifest)
+        manifest = bundle.manifest_copy()
+        engine, reason = trt.find_engine(bundle.path, manifest)
         if engine is not None:
-            return trt.TensorRTFeatures(bundle_dir / engine["file"], manifest), f"TensorRT engine {engine['file']}"
+            runner = trt.TensorRTFeatures(bundle.path / engine["file"], manifest)
+            return SingleOutputBackend(runner, features.output_name), f"TensorRT engine {engine['file']}"
         if backend == "tensorrt":
-            raise BundleError(f"{bundle_dir}: no usable TensorRT engine ({reason})")
+            raise BundleError(f"{bundle.path}: no usable TensorRT engine ({reason})")
         note = f"ONNX Runtime ({reason})"
     else:
         note = "ONNX Runtime (asked for)"
-    ort_backend = OnnxRuntimeFeatures(bundle_dir / features["onnx_file"], features["input_name"],
-                                      features["output_name"], threads=threads)
+    ort_backend = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
+                                      threads=threads)
     return ort_backend, note
 
 

@@ -1,12 +1,19 @@
 """The runtime API: load a bundle, turn images into scores, decisions and anomaly maps. No torch.
 
-    detector = Detector.load("bundle/")
-    result = detector.predict(read_rgb("part.png"))
-    result.score, result.is_anomalous, result.anomaly_map
+    from patchcore_edge import Detector
+
+    with Detector.load("bundle/") as detector:
+        result = detector.predict("part.png")          # a path or an RGB uint8 array
+        result.score, result.is_anomalous, result.anomaly_map
+        result.save("out/")                             # heat map, overlay, mask PNGs as `run -o` writes them
+
+Data flow: image -> preprocess -> backend (network outputs by name) -> the bundle's method (image score and
+patch map) -> pixel map -> calibration decision -> Result.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -16,13 +23,16 @@ from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from ..bundle import BundleError, calibration_files, check_files, load_array, read_manifest
-from ..calibration.model import load_for_bundle
-from ..imageio import ImageReadError
-from ..preprocess import Geometry, InputSpec, geometry, map_to_image, preprocess
-from ..scoring import anomaly_map, image_scores
-from ..search import IndexFileError, PatchSearch, load_index, validate_neighbours
+from ..bundle import Bundle, BundleError
+from ..decision import Calibration, load_for_bundle
+from ..imageio import ImageReadError, read_rgb
+from ..maps import anomaly_map
+from ..methods import Scorer, ScorerOptions, UnknownMethod, scorer_class
+from ..preprocess import Geometry, geometry, map_to_image, preprocess
 from .backends import FeatureBackend, open_backend
+from .outputs import MapScale, MapWriter, map_scale_for
+
+ImageLike = Union[str, "os.PathLike[str]", np.ndarray]
 
 
 @dataclass
@@ -37,27 +47,53 @@ class Result:
     timing_ms: Dict[str, float] = field(default_factory=dict)
     max_patch_distance: float = 0.0
     image_size: Tuple[int, int] = (0, 0)
+    details: Dict[str, float] = field(default_factory=dict)
+    source: Optional[str] = None
+    image: Optional[np.ndarray] = field(default=None, repr=False)
+    map_scale: Optional[MapScale] = field(default=None, repr=False)
+
+    def save(self, folder: Union[str, "os.PathLike[str]"], name: Optional[str] = None, overlay: bool = True
+             ) -> Dict[str, str]:
+        """Write the heat map, the overlay (when the image is known) and the mask as `run -o` does.
+
+        Files are named after `name`, else the source file's stem; returns {kind: path} of what was written.
+        """
+        if name is None:
+            name = Path(self.source).stem if self.source else "image"
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        writer = MapWriter(out, self.map_scale, heatmaps=True, overlays=overlay, workers=0)
+        written = writer.write(name, self.anomaly_map, self.mask, self.image if overlay else None, self.score)
+        writer.close()
+        return written
 
 
 StreamItem = Tuple[Hashable, Union[np.ndarray, ImageReadError]]
 
 
-class Detector:
-    """A loaded bundle: feature backend + memory bank search + scoring (+ calibration when present)."""
+def _as_image(item: ImageLike) -> Tuple[np.ndarray, Optional[str]]:
+    if isinstance(item, np.ndarray):
+        return item, None
+    return read_rgb(item), str(item)
 
-    def __init__(self, bundle_dir: Path, manifest: Dict[str, Any], backend: FeatureBackend, backend_note: str,
-                 search: PatchSearch, neighbours: np.ndarray, calibration: Any = None) -> None:
-        self.bundle_dir = bundle_dir
-        self.manifest = manifest
+
+class Detector:
+    """A loaded bundle: feature backend + the bundle's scoring method (+ calibration when present)."""
+
+    def __init__(self, bundle: Bundle, backend: FeatureBackend, backend_note: str, scorer: Scorer,
+                 calibration: Optional[Calibration] = None) -> None:
+        self.bundle = bundle
         self.backend = backend
         self.backend_note = backend_note
-        self.search = search
-        self.neighbours = neighbours
+        self.scorer = scorer
         self.calibration = calibration
-        self.spec = InputSpec.from_manifest(manifest["input"])
-        self.grid = tuple(manifest["features"]["grid"])
-        self.rerank = int(manifest["score"]["rerank"])
-        self.sigma = float(manifest["score"]["gaussian_sigma"])
+        self.spec = bundle.input_spec
+        self.sigma = bundle.map_sigma
+        self.map_scale = map_scale_for(bundle, calibration)
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.bundle.path
 
     @property
     def backend_name(self) -> str:
@@ -66,72 +102,72 @@ class Detector:
     @classmethod
     def load(cls, bundle_dir: Union[str, Path], backend: str = "auto", ef: Optional[int] = None,
              exact_search: bool = False, threads: Optional[int] = None, verify: bool = True,
-             calibration: bool = True) -> "Detector":
+             ignore_calibration: bool = False) -> "Detector":
         """Validate and load a bundle. Raises BundleError naming the file and the fix when anything is off.
 
-        calibration=False ignores the bundle's calibration (decisions stay None): the calibrate command uses it,
-        so that it can replace a damaged calibration file.
+        ignore_calibration=True leaves the bundle's calibration unread (decisions stay None): the calibrate
+        command uses it, so that it can replace a damaged calibration file.
         """
-        folder = Path(bundle_dir)
-        manifest = read_manifest(folder, verify_files=False)
-        if verify:
-            check_files(folder, manifest, skip=() if calibration else calibration_files(manifest))
-        dim = int(manifest["features"]["dim"])
-        size = int(manifest["coreset"]["size"])
-        b = int(manifest["score"]["reweight_neighbours"])
-        bank = load_array(folder, "memory_bank.npy", np.float32, (size, dim))
-        neighbours = load_array(folder, "bank_neighbours.npy", np.int32, (size, b))
+        bundle = Bundle.load(bundle_dir, verify=verify, verify_calibration=not ignore_calibration)
         try:
-            neighbours = validate_neighbours(neighbours, size)
-            index = None if exact_search else load_index(folder / "index.hnsw", dim, size, bank=bank)
-            search = PatchSearch(bank, index, ef=ef or int(manifest["index"]["ef"]), threads=threads)
-        except IndexFileError as error:
-            raise BundleError(f"{error}; re-export the bundle") from None
-        except ValueError as error:
-            raise BundleError(f"{folder}: {error}; re-export the bundle") from None
-        features_backend, note = open_backend(folder, manifest, backend, threads)
+            method = scorer_class(bundle.method.name)
+        except UnknownMethod as error:
+            raise BundleError(f"{bundle.path}: {error}") from None
+        scorer = method.load(bundle, ScorerOptions(ef=ef, exact_search=exact_search, threads=threads))
+        features_backend, note = open_backend(bundle, backend, threads)
         try:
-            current = load_for_bundle(folder, manifest) if calibration else None
+            current = None if ignore_calibration else load_for_bundle(bundle)
         except (OSError, ValueError) as error:
+            features_backend.close()
             raise BundleError(f"{error}; roll the calibration back with `patchcore-edge calibrate BUNDLE --rollback` "
                               "or calibrate again") from None
-        return cls(folder, manifest, features_backend, note, search, neighbours, current)
+        return cls(bundle, features_backend, note, scorer, current)
+
+    def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------ prediction
 
-    def predict(self, image_rgb: np.ndarray, maps: bool = True) -> Result:
-        return self.predict_batch([image_rgb], maps=maps)[0]
+    def predict(self, image: ImageLike, maps: bool = True) -> Result:
+        """Score one image: a path (any format `imageio.read_rgb` reads) or an RGB uint8 array [H, W, 3]."""
+        return self.predict_batch([image], maps=maps)[0]
 
-    def predict_batch(self, images: Sequence[np.ndarray], maps: bool = True) -> List[Result]:
+    def predict_batch(self, images: Sequence[ImageLike], maps: bool = True) -> List[Result]:
+        """Score images (paths or RGB arrays) in one batch through the network and the method."""
+        loaded = [_as_image(item) for item in images]
         start = time.perf_counter()
         # Two threads for the resize: nothing else runs meanwhile here (`stream` overlaps it with inference
         # instead, so its producer keeps to one).
-        batch = np.stack([preprocess(image, self.spec, parallel=True) for image in images])
-        geometries = [geometry(image.shape[0], image.shape[1], self.spec) for image in images]
-        preprocess_ms = (time.perf_counter() - start) * 1000 / len(images)
+        batch = np.stack([preprocess(image, self.spec, parallel=True) for image, _ in loaded])
+        geometries = [geometry(image.shape[0], image.shape[1], self.spec) for image, _ in loaded]
+        preprocess_ms = (time.perf_counter() - start) * 1000 / len(loaded)
         results = self._infer(batch, geometries, maps)
-        for result in results:
+        for result, (image, source) in zip(results, loaded):
             result.timing_ms = {"preprocess": preprocess_ms, **result.timing_ms}
+            result.source = source
+            result.image = image
         return results
 
     def _infer(self, batch: np.ndarray, geometries: Sequence[Geometry], maps: bool) -> List[Result]:
         n = batch.shape[0]
         start = time.perf_counter()
-        grid = self.backend.features(batch)
+        outputs = self.backend.run(batch)
         features_ms = (time.perf_counter() - start) * 1000 / n
-        if grid.shape[:3] != (n, *self.grid):
-            raise BundleError(f"{self.bundle_dir}: the feature backend returned {grid.shape}, the manifest says "
-                              f"[{n}, {self.grid[0]}, {self.grid[1]}, D]; re-export the bundle")
         start = time.perf_counter()
-        scored = image_scores(grid.reshape(n, -1, grid.shape[-1]), self.search, self.neighbours, self.rerank)
+        scored = self.scorer.score(outputs)
         search_ms = (time.perf_counter() - start) * 1000 / n
         results = []
-        for patch, geo in zip(scored, geometries):
+        for method_score, geo in zip(scored, geometries):
             start = time.perf_counter()
-            result = Result(score=float(patch.score), max_patch_distance=float(patch.max_distance),
-                            image_size=(geo.height, geo.width))
+            result = Result(score=float(method_score.score),
+                            max_patch_distance=float(method_score.details.get("max_patch_distance", 0.0)),
+                            image_size=(geo.height, geo.width), details=dict(method_score.details),
+                            map_scale=self.map_scale)
             if maps:
-                crop_map = anomaly_map(patch.patch_distances.reshape(self.grid), self.spec.crop, self.sigma)
+                crop_map = anomaly_map(method_score.patch_map, self.spec.crop, self.sigma)
                 result.anomaly_map = map_to_image(crop_map, geo)
             map_ms = (time.perf_counter() - start) * 1000
             if self.calibration is not None:

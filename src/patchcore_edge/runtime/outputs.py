@@ -88,33 +88,27 @@ def _field(record: Any, name: str) -> Any:
     return getattr(record, name, None)
 
 
-def map_scale_for(manifest: Mapping[str, Any], calibration: Any = None,
+def map_scale_for(bundle: Any, calibration: Any = None,
                   override: Optional[Tuple[float, float]] = None) -> Optional[MapScale]:
     """The run's heat-map range (see the module docstring); None when the bundle records nothing to use."""
     if override is not None:
         return MapScale(float(override[0]), float(override[1]), "--map-range")
     if calibration is not None:
-        # Calibration records (calibration/model.py) hold them as pixel.threshold and image.threshold.
+        # Calibration records (patchcore_edge/decision.py) hold them as pixel.threshold and image.threshold.
         for name in ("pixel", "image"):
             threshold = _positive(_field(_field(calibration, name), "threshold"))
             if threshold is not None:
                 return MapScale(0.0, 2.0 * threshold, f"calibration {name}.threshold x 2")
-    score = manifest.get("score") or {}
-    given = score.get("map_range") if isinstance(score, Mapping) else None
-    if isinstance(given, Sequence) and len(given) == 2:
+    given = bundle.map_range
+    if given is not None:
         try:
             return MapScale(float(given[0]), float(given[1]), "manifest score.map_range")
-        except (TypeError, ValueError):
+        except ValueError:
             pass
-    training = score.get("training_scores") if isinstance(score, Mapping) else None
-    # Recorded as quantiles with a count `n` (export/heldout.py); older forms were plain lists of scores.
-    values = [training.get("max")] if isinstance(training, Mapping) else training
-    if isinstance(values, Sequence):
-        top = max((v for v in (_positive(value) for value in values) if v is not None), default=None)
-        if top is not None:
-            return MapScale(0.0, 2.0 * top, "manifest score.training_scores max x 2")
-    coreset = manifest.get("coreset") or {}
-    radius = _positive(coreset.get("coverage_radius")) if isinstance(coreset, Mapping) else None
+    top = _positive((bundle.training_scores or {}).get("max"))
+    if top is not None:
+        return MapScale(0.0, 2.0 * top, "manifest score.training_scores max x 2")
+    radius = _positive(bundle.coverage_radius)
     if radius is not None:
         return MapScale(0.0, 2.0 * radius, "manifest coreset.coverage_radius x 2")
     return None

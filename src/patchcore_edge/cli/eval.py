@@ -16,8 +16,8 @@ import numpy as np
 from ..bundle import BundleError
 from ..imageio import ImageReadError, read_rgb
 from ..runtime.backends import BACKEND_CHOICES
-from .dataset import DatasetError, EvalDataset, Sample, check_masks, discover_mvtec, discover_plain, load_mask
-from .evaluate import evaluate, report_markdown
+from ..evaluation.dataset import DatasetError, EvalDataset, Sample, check_masks, discover_mvtec, discover_plain, load_mask
+from ..evaluation.evaluate import evaluate, report_markdown
 
 
 def load_detector(bundle: Path, backend: str, ef: Optional[int], exact_search: bool,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from . import __version__
+from .. import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,12 +17,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from .export.cli import export_command
-
-    from .calibration.cli import calibrate_command
-    from .devices.cli import devices_group, engine_group
-    from .evaluation.cli import eval_command
-    from .runtime.cli import run_command
+    from .calibrate import calibrate_command
+    from .devices import devices_group, engine_group
+    from .eval import eval_command
+    from .export import export_command
+    from .run import run_command
 
     main.add_command(export_command, "export")
     main.add_command(run_command, "run")

@@ -21,7 +21,7 @@ CHECK_FAILED_EXIT = 3
 
 
 def _echo_findings(findings: Any) -> None:
-    from .report import findings_text
+    from ..calibration.report import findings_text
 
     for line in findings_text(findings):
         click.echo(line.strip() if not line.startswith("      ") else line, err=True)
@@ -63,10 +63,10 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
     whatever the score distribution (that needs ~300 good images for 1 % at 95 %; with fewer, the highest good
     score is used and the rate it does guarantee is reported).
     """
-    from ..bundle import BundleError, read_manifest
-    from . import calibrate as flow
-    from . import report
-    from .model import CalibrationError
+    from ..bundle import Bundle, BundleError
+    from ..decision import CalibrationError
+    from ..calibration import calibrate as flow
+    from ..calibration import report
 
     modes = sum([rollback, check_dir is not None, nominal_dir is not None])
     if modes == 0:
@@ -78,15 +78,15 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
     progress = StageBars(label=lambda stage: f"scoring {stage} images", quiet=quiet)
     try:
         if rollback:
-            current, previous = flow.rollback(bundle)
+            current, previous = flow.rollback(Bundle.load(bundle, verify=False))
             click.echo(f"rolled back: {current} is now the current calibration ({previous} kept as previous; "
                        "--rollback again to undo)")
             return
-        manifest = read_manifest(bundle)
+        loaded = Bundle.load(bundle)
         detector = flow.load_detector(bundle, backend)
         try:
             if check_dir is not None:
-                outcome = flow.check(detector, manifest, bundle, check_dir, batch_size=batch_size, progress=progress)
+                outcome = flow.check(detector, loaded, check_dir, batch_size=batch_size, progress=progress)
                 progress.close()
                 _echo_findings(outcome.findings)
                 click.echo(report.check_summary(outcome, findings=False), nl=False)
@@ -97,7 +97,7 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
                     click.get_current_context().exit(CHECK_FAILED_EXIT)
                 return
             assert nominal_dir is not None
-            result = flow.calibrate(detector, manifest, bundle, nominal_dir, defects_dir, masks_dir,
+            result = flow.calibrate(detector, loaded, nominal_dir, defects_dir, masks_dir,
                                     false_alarm_rate=false_alarm_rate, confidence=confidence, optimise=optimise,
                                     min_defect_area=min_defect_area, batch_size=batch_size, progress=progress)
         finally:
@@ -106,7 +106,7 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
             if close is not None:
                 close()
         if not dry_run:
-            result.written = flow.write_calibration(bundle, result.calibration)
+            result.written = flow.write_calibration(loaded.reload(), result.calibration)
         _echo_findings(result.findings)
         click.echo(report.calibration_summary(result, findings=False), nl=False)
         if report_dir is not None:

@@ -31,7 +31,7 @@ import numpy as np
 from patchcore_edge.bundle import BundleError
 from patchcore_edge.imageio import ImageReadError
 from patchcore_edge.runtime.outputs import (JsonLinesWriter, MapWriter, OutputError, RunStats,
-                                            atomic_write_bytes, error_record, format_summary, map_scale_for,
+                                            atomic_write_bytes, error_record, format_summary, MapScale,
                                             result_record)
 from patchcore_edge.runtime.sources import (FrameKey, Item, ReconnectPolicy, describe, iter_frames,
                                             plan_inputs, read_ahead, redact_url)
@@ -288,7 +288,8 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
                                 "calibrated": calibration is not None,
                                 "inputs": [redact_url(argument) for argument in inputs]}
     if outdir is not None and maps:
-        scale = map_scale_for(getattr(detector, "manifest", {}) or {}, calibration, map_range)
+        scale = (MapScale(float(map_range[0]), float(map_range[1]), "--map-range") if map_range is not None
+                 else getattr(detector, "map_scale", None))
         writer = MapWriter(outdir, scale, heatmaps=True, overlays=overlays, workers=writer_threads)
     log.info("reading %s; backend %s", describe(plan), run_info["backend"])
 

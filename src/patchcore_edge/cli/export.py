@@ -43,7 +43,7 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
     except ImportError:
         raise click.ClickException("export needs torch: pip install 'patchcore-edge[export]'") from None
     from ..bundle import BundleError
-    from .pipeline import ExportError, ExportOptions, export_bundle
+    from ..export.pipeline import ExportError, ExportOptions, export_bundle
 
     options = ExportOptions(nominal_dir=nominal_dir, output=output, backbone=backbone, weights=weights,
                             resize=resize, crop=crop, feature_dim=feature_dim, coreset_ratio=coreset_ratio,

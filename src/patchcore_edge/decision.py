@@ -18,10 +18,13 @@ import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NoReturn, Optional, Union
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 SCHEMA = "patchcore-edge-calibration"
 SCHEMA_VERSION = 1
@@ -260,19 +263,10 @@ def _validate(data: Any, source: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- bundle binding
 
-# The files whose content determines the scores: a calibration is only valid for the bundle that scored it.
-BOUND_FILES = {"memory_bank.npy": "memory_bank_sha256", "features.onnx": "features_sha256"}
 
-
-def bundle_fingerprint(manifest: Mapping[str, Any]) -> Dict[str, str]:
-    """sha256 of the score-defining bundle files, recorded in the calibration."""
-    files = manifest.get("files", {})
-    return {key: str(files[name]["sha256"]) for name, key in BOUND_FILES.items() if name in files}
-
-
-def check_binding(calibration: Calibration, manifest: Mapping[str, Any], source: str) -> None:
+def check_binding(calibration: Calibration, bundle: "Bundle", source: str) -> None:
     """Raise CalibrationError when the calibration was made on a bundle with a different bank or network."""
-    current = bundle_fingerprint(manifest)
+    current = bundle.fingerprint()
     for key, value in calibration.bundle.items():
         if key in current and current[key] != value:
             raise CalibrationError(
@@ -280,12 +274,12 @@ def check_binding(calibration: Calibration, manifest: Mapping[str, Any], source:
                 "are on another scale: calibrate this bundle with its own images")
 
 
-def load_for_bundle(bundle_dir: Union["os.PathLike[str]", str], manifest: Mapping[str, Any]) -> Optional[Calibration]:
+def load_for_bundle(bundle: "Bundle") -> Optional[Calibration]:
     """The bundle's current calibration (validated and checked against the bundle), or None when it has none."""
-    entry = manifest.get("calibration")
-    if not entry:
+    ref = bundle.calibration
+    if ref is None:
         return None
-    path = Path(bundle_dir) / str(entry["file"])
+    path = bundle.path / ref.file
     calibration = Calibration.load(path)
-    check_binding(calibration, manifest, str(path))
+    check_binding(calibration, bundle, str(path))
     return calibration

@@ -15,9 +15,14 @@ from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Seque
 import click
 import numpy as np
 
-from .detect import DeviceInfo, detect_device
-from .memory import estimate_memory, format_estimate
-from .profiles import ProfileError, get_profile, load_profiles
+from ..bundle import Bundle, BundleError, utc_stamp
+from ..imageio import ImageReadError, list_images, read_rgb
+from ..methods import ScorerOptions, scorer_class
+from ..preprocess import InputSpec, preprocess
+from ..runtime.backends import OnnxRuntimeFeatures
+from ..devices.detect import DeviceInfo, detect_device
+from ..devices.memory import estimate_memory, format_estimate
+from ..devices.profiles import ProfileError, get_profile, load_profiles
 
 # Largest accepted relative change of any image score, engine vs ONNX Runtime, per precision. Thresholds are
 # set on scores, so an engine that moves scores by more than this could move decisions.
@@ -118,11 +123,9 @@ def detect_command(as_json: bool, root: Path, no_probe: bool) -> None:
         _print_device(info)
 
 
-def _read_manifest(bundle_dir: Path, verify_files: bool) -> Dict[str, Any]:
-    from ..bundle import BundleError, read_manifest
-
+def _read_bundle(bundle_dir: Path, verify_files: bool) -> Bundle:
     try:
-        return read_manifest(bundle_dir, verify_files=verify_files)
+        return Bundle.load(bundle_dir, verify=verify_files)
     except BundleError as error:
         _fail(str(error))
 
@@ -141,7 +144,7 @@ def _read_manifest(bundle_dir: Path, verify_files: bool) -> Dict[str, Any]:
 def fit_command(bundle: Path, device_name: Optional[str], variant: Optional[str], batch: Optional[int],
                 backend: Optional[str], memory_mb: Optional[int], as_json: bool, strict: bool) -> None:
     """Estimate the memory BUNDLE needs on a board and whether it fits the board's share."""
-    manifest = _read_manifest(bundle, verify_files=False)
+    loaded = _read_bundle(bundle, verify_files=False)
     memory_total = memory_mb
     try:
         if device_name is None:
@@ -151,8 +154,8 @@ def fit_command(bundle: Path, device_name: Optional[str], variant: Optional[str]
             memory_total = memory_total or info.memory_total_mb
         else:
             profile = get_profile(device_name)
-        estimate = estimate_memory(manifest, profile, variant=variant, batch=batch, backend=backend,
-                                   bundle_dir=bundle, memory_total_mb=memory_total)
+        estimate = estimate_memory(loaded, profile, variant=variant, batch=batch, backend=backend,
+                                   memory_total_mb=memory_total)
     except ProfileError as error:
         _fail(str(error))
     if as_json:
@@ -173,12 +176,8 @@ def engine_group() -> None:
     """TensorRT engines for a bundle (built on the device that will run them)."""
 
 
-def _preprocessed_images(folder: Path, manifest: Mapping[str, Any], limit: int) -> Iterator[np.ndarray]:
+def _preprocessed_images(folder: Path, spec: InputSpec, limit: int) -> Iterator[np.ndarray]:
     """Nominal images of `folder`, preprocessed as the runtime does; unreadable files are reported and skipped."""
-    from ..imageio import ImageReadError, list_images, read_rgb
-    from ..preprocess import InputSpec, preprocess
-
-    spec = InputSpec.from_manifest(manifest["input"])
     try:
         paths, skipped = list_images(folder)
     except NotADirectoryError as error:
@@ -198,11 +197,8 @@ def _preprocessed_images(folder: Path, manifest: Mapping[str, Any], limit: int) 
         yield preprocess(image, spec)
 
 
-def _synthetic_images(manifest: Mapping[str, Any], count: int = SYNTHETIC_IMAGES) -> List[np.ndarray]:
+def _synthetic_images(spec: InputSpec, count: int = SYNTHETIC_IMAGES) -> List[np.ndarray]:
     """Smooth textured images (deterministic) when no sample images are given; stated in the verification."""
-    from ..preprocess import InputSpec, preprocess
-
-    spec = InputSpec.from_manifest(manifest["input"])
     rng = np.random.default_rng(0)
     size = spec.resize
     ramp = np.linspace(0, 2 * np.pi, size, dtype=np.float32)
@@ -214,42 +210,31 @@ def _synthetic_images(manifest: Mapping[str, Any], count: int = SYNTHETIC_IMAGES
     return images
 
 
-def verify_against_onnxruntime(bundle_dir: Path, manifest: Mapping[str, Any], candidate: Any,
-                               images: Sequence[np.ndarray], source: str) -> Dict[str, Any]:
+def verify_against_onnxruntime(bundle: Bundle, candidate: Any, images: Sequence[np.ndarray], source: str
+                               ) -> Dict[str, Any]:
     """Features and image scores of `candidate` vs ONNX Runtime (CPU) on the same preprocessed images.
 
-    Scores use exact nearest-neighbour search, so the only difference between the two columns is the
+    Scores use the bundle's method with exact search, so the only difference between the two columns is the
     feature backend.
     """
-    from ..bundle import load_array
-    from ..runtime.backends import OnnxRuntimeFeatures
-    from ..scoring import image_scores
-    from ..search import PatchSearch
     from ..trt import feature_errors
 
-    features = manifest["features"]
-    size, dim = int(manifest["coreset"]["size"]), int(features["dim"])
-    b = int(manifest["score"]["reweight_neighbours"])
-    bank = load_array(bundle_dir, "memory_bank.npy", np.float32, (size, dim))
-    neighbours = load_array(bundle_dir, "bank_neighbours.npy", np.int32, (size, b))
-    search = PatchSearch(bank, None)
-    reference = OnnxRuntimeFeatures(bundle_dir / features["onnx_file"], features["input_name"],
-                                    features["output_name"], providers=("CPUExecutionProvider",))
+    scorer = scorer_class(bundle.method.name).load(bundle, ScorerOptions(exact_search=True))
+    features = bundle.features
+    reference = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
+                                    providers=("CPUExecutionProvider",))
     batch = np.stack(list(images)).astype(np.float32)
     try:
-        ref = reference.features(batch)
+        ref = reference.run(batch)
     finally:
         reference.close()
-    cand = candidate.features(batch)
-    rerank = int(manifest["score"]["rerank"])
-    ref_scores = np.array([s.score for s in image_scores(ref.reshape(len(batch), -1, dim), search, neighbours,
-                                                         rerank)])
-    cand_scores = np.array([s.score for s in image_scores(cand.reshape(len(batch), -1, dim), search,
-                                                          neighbours, rerank)])
+    cand = {features.output_name: candidate.features(batch)}
+    ref_scores = np.array([s.score for s in scorer.score(ref)])
+    cand_scores = np.array([s.score for s in scorer.score(cand)])
     change = np.abs(cand_scores - ref_scores)
     relative = change / np.maximum(np.abs(ref_scores), 1e-12)
     return {"reference": "onnxruntime CPUExecutionProvider", "images": int(len(batch)), "image_source": source,
-            "features": feature_errors(ref, cand),
+            "features": feature_errors(ref[features.output_name], cand[features.output_name]),
             "scores": {"max_abs_change": float(change.max()), "max_rel_change": float(relative.max()),
                        "reference_min": float(ref_scores.min()), "reference_max": float(ref_scores.max())}}
 
@@ -265,16 +250,15 @@ def check_tolerance(verification: Mapping[str, Any], precision: str,
                              f"{limit:g} tolerance for {precision}")
 
 
-def _previous_caches(bundle_dir: Path, manifest: Mapping[str, Any], slug: str,
-                     version: str) -> Tuple[Optional[bytes], Optional[bytes]]:
+def _previous_caches(bundle: Bundle, slug: str, version: str) -> Tuple[Optional[bytes], Optional[bytes]]:
     """Timing and INT8 caches of an earlier engine for this device and TensorRT version, if any."""
     timing = int8 = None
-    for entry in manifest.get("engines", []):
+    for entry in bundle.engines:
         if entry.get("device") == slug and entry.get("tensorrt_version") == version:
             if entry.get("timing_cache") and timing is None:
-                timing = (bundle_dir / entry["timing_cache"]).read_bytes()
+                timing = bundle.file(entry["timing_cache"]).read_bytes()
             if entry.get("int8_calibration_cache") and int8 is None:
-                int8 = (bundle_dir / entry["int8_calibration_cache"]).read_bytes()
+                int8 = bundle.file(entry["int8_calibration_cache"]).read_bytes()
     return timing, int8
 
 
@@ -306,30 +290,29 @@ def build_command(bundle: Path, precision: Optional[str], dla_core: Optional[int
     if not available:
         _fail(f"cannot build a TensorRT engine here: {reason}. Build it on the Jetson that will run the bundle "
               "(JetPack ships TensorRT), or run with `--backend onnxruntime`.")
-    manifest = _read_manifest(bundle, verify_files=True)
+    loaded = _read_bundle(bundle, verify_files=True)
+    spec = loaded.input_spec
     info = detect_device()
     profile = get_profile(info.slug)
     if not profile.engines_supported:
         _fail(f"{info.slug}: {profile.data['engines'].get('note')}")
     chosen = precision or str(profile.defaults.get("precision") or "fp16")
     version = str(info.tensorrt_version)
-    timing_cache, int8_cache = _previous_caches(bundle, manifest, info.slug, version)
+    timing_cache, int8_cache = _previous_caches(loaded, info.slug, version)
     calibration = None
     if chosen == "int8" and calibration_images is not None:
         int8_cache = None  # new images asked for: calibrate again
-        calibration = _preprocessed_images(calibration_images, manifest, calibration_limit)
-
-    from ..bundle import update_bundle, utc_stamp
+        calibration = _preprocessed_images(calibration_images, spec, calibration_limit)
 
     # A rebuild for the same device, TensorRT and precision gets a time tag: bundle files are never overwritten.
     plain_name = trt.engine_file_name(info.slug, version, chosen, dla_core)
-    tag = utc_stamp() if plain_name in manifest["files"] else None
+    tag = utc_stamp() if loaded.has_file(plain_name) else None
 
     # Built outside the bundle: only update_bundle writes into it, so a failed build leaves it untouched.
     with tempfile.TemporaryDirectory(prefix="patchcore-engine-") as staging_name:
         staging = Path(staging_name)
         try:
-            entry = trt.build_engine_into(staging, bundle / manifest["features"]["onnx_file"], chosen,
+            entry = trt.build_engine_into(staging, loaded.file(loaded.features.onnx_file), chosen,
                                           log=lambda line: click.echo(line), max_batch=max_batch,
                                           workspace_mb=workspace_mb, dla_core=dla_core,
                                           calibration_batches=calibration, timing_cache=timing_cache,
@@ -338,14 +321,14 @@ def build_command(bundle: Path, precision: Optional[str], dla_core: Optional[int
             _fail(str(error))
         sample_dir = verify_images or calibration_images
         if sample_dir is not None:
-            samples = list(_preprocessed_images(sample_dir, manifest, 16))
+            samples = list(_preprocessed_images(sample_dir, spec, 16))
             source = f"sample ({sample_dir})"
         else:
-            samples, source = _synthetic_images(manifest), "synthetic"
+            samples, source = _synthetic_images(spec), "synthetic"
         if not samples:
             _fail(f"{sample_dir}: no readable image to verify the engine on")
-        with trt.TensorRTFeatures(staging / entry["file"], manifest) as candidate:
-            verification = verify_against_onnxruntime(bundle, manifest, candidate, samples, source)
+        with trt.TensorRTFeatures(staging / entry["file"], loaded.manifest_copy()) as candidate:
+            verification = verify_against_onnxruntime(loaded, candidate, samples, source)
         ok, line = check_tolerance(verification, chosen, tolerance)
         click.echo(line)
         if not ok:
@@ -357,17 +340,13 @@ def build_command(bundle: Path, precision: Optional[str], dla_core: Optional[int
         artifacts = [entry["file"], entry["timing_cache"]] + ([entry["int8_calibration_cache"]]
                                                               if entry.get("int8_calibration_cache") else [])
         new_files = {name: (staging / name).read_bytes() for name in artifacts}
-        replaced = [e for e in manifest.get("engines", [])
+        engines = loaded.engines
+        replaced = [e for e in engines
                     if (e.get("device"), e.get("tensorrt_version"), e.get("precision"), e.get("dla_core"))
                     == (entry["device"], entry["tensorrt_version"], entry["precision"], entry["dla_core"])]
         remove = sorted({name for e in replaced for name in (e.get("file"), e.get("timing_cache"),
                                                                   e.get("int8_calibration_cache"))
-                         if name and name in manifest["files"]})
-
-        def edit(document: Dict[str, Any]) -> None:
-            kept = [e for e in document.get("engines", []) if e not in replaced]
-            document["engines"] = kept + [entry]
-
-        update_bundle(bundle, new_files, edit, remove=remove)
+                         if name and loaded.has_file(name)})
+        loaded.set_engines([e for e in engines if e not in replaced] + [entry], new_files, remove=remove)
     click.echo(f"registered {entry['file']} in {bundle}" + (f" (replaces {', '.join(remove)})" if remove else ""))
 

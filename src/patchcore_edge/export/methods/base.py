@@ -1,0 +1,105 @@
+"""What a scoring method is on the workstation: the network to export, and the fit of its bundle arrays.
+
+The export pipeline (`export/pipeline.py`) is the same for every method: read the nominal images, build the
+method's network, run every image through it, hand the outputs to `fit`, export the network to ONNX and check it
+against torch, write the bundle. A method's runtime half lives in `patchcore_edge/methods/`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ...preprocess import InputSpec
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """The exported network, as the manifest records it.
+
+    outputs: the output names, in the order the module returns them (the first is the patch grid [B, h, w, dim]).
+    """
+
+    outputs: Tuple[str, ...]
+    dim: int
+    grid: Tuple[int, int]
+    stride: int
+    backbone: Dict[str, Any]
+    layers: Tuple[str, ...]
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FittedMethod:
+    """A method's bundle content: arrays (saved as <key>.npy, no pickle), other files, params, summary lines.
+
+    training_scores: image scores of training images scored as new parts (for calibration's drift check), or
+    None where the method cannot produce them.
+    """
+
+    arrays: Dict[str, np.ndarray]
+    files: Dict[str, bytes] = field(default_factory=dict)
+    file_roles: Dict[str, str] = field(default_factory=dict)
+    params: Dict[str, Any] = field(default_factory=dict)
+    summary: Dict[str, Any] = field(default_factory=dict)
+    training_scores: Optional[np.ndarray] = None
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The export options every method may read (each method takes what applies to it)."""
+
+    backbone: str = "mobilenet_v2"
+    weights: Optional[str] = None
+    feature_dim: Optional[int] = None
+    coreset_ratio: float = 0.1
+    coreset_size: Optional[int] = None
+    projection_dim: int = 128
+    device: str = "cpu"
+    seed: int = 0
+    hnsw_m: Optional[int] = None
+    ef_construction: Optional[int] = None
+    ef: Optional[int] = None
+    reweight_neighbours: int = 9
+    rerank: int = 8
+
+
+class MethodExporter(abc.ABC):
+    """A method's export half. Subclasses set `name` and implement `network` and `fit`."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def network(self, settings: MethodSettings, spec: InputSpec,
+                training_images: Sequence[np.ndarray]) -> Tuple[torch.nn.Module, NetworkInfo]:
+        """The module exported as features.onnx (normalised image batch -> the outputs in `NetworkInfo.outputs`).
+
+        `training_images` are the preprocessed nominal images (float32 [3, H, W]), for methods that train.
+        """
+
+    @abc.abstractmethod
+    def fit(self, outputs: Dict[str, np.ndarray], images: int, settings: MethodSettings, progress: Progress,
+            log: Log) -> FittedMethod:
+        """The method's arrays from the network outputs of all `images` nominal images (stacked, batch first)."""
+
+    def needs_training_images(self) -> bool:
+        """True when `network` trains on the images (they are then kept in memory before the feature pass)."""
+        return False
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def no_log(message: str) -> None:
+    pass
+
+
+__all__: List[str] = ["FittedMethod", "MethodExporter", "MethodSettings", "NetworkInfo", "Progress", "Log"]

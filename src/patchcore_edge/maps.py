@@ -1,0 +1,42 @@
+"""Pixel anomaly maps from a method's patch map: upsample to the network input, Gaussian smoothing.
+
+Shared by every method; the runtime then maps the result back onto the original image (`preprocess.map_to_image`).
+Numpy and OpenCV only.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+DEFAULT_SIGMA = 4.0
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+    """Kernel size of the PatchCore reference: radius int(4 sigma + 0.5) (scipy's truncate=4), 33 for sigma 4."""
+    return 2 * int(4.0 * sigma + 0.5) + 1
+
+
+def anomaly_map(patch_distances: np.ndarray, crop: int, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
+    """Patch distances [h, w] -> float32 [crop, crop] pixel anomaly map.
+
+    As amazon-science/patchcore-inspection (RescaleSegmentor): bilinear upsampling with half-pixel centres
+    (OpenCV INTER_LINEAR == torch interpolate(mode="bilinear", align_corners=False)), then a Gaussian blur
+    with sigma in crop pixels, kernel 2 * int(4 sigma + 0.5) + 1 and scipy.ndimage's "reflect" border
+    (edge pixel repeated: OpenCV BORDER_REFLECT). anomalib differs: nearest upsampling and torch "reflect"
+    (edge not repeated, BORDER_REFLECT_101). sigma <= 0 skips the blur.
+    """
+    grid = np.asarray(patch_distances)
+    if grid.ndim != 2 or grid.shape[0] < 1 or grid.shape[1] < 1:
+        raise ValueError(f"patch distances must be a 2-D grid [h, w], got shape {grid.shape}")
+    if int(crop) < 1:
+        raise ValueError(f"crop must be >= 1, got {crop}")
+    grid = np.ascontiguousarray(grid, dtype=np.float32)
+    if not np.isfinite(grid).all():
+        raise ValueError("patch distances contain NaN or infinite values")
+    upsampled = cv2.resize(grid, (int(crop), int(crop)), interpolation=cv2.INTER_LINEAR)
+    if sigma <= 0:
+        return upsampled
+    size = gaussian_kernel_size(float(sigma))
+    return cv2.GaussianBlur(upsampled, (size, size), sigmaX=float(sigma), sigmaY=float(sigma),
+                            borderType=cv2.BORDER_REFLECT)

@@ -1,0 +1,67 @@
+"""What a scoring method is on the device: bundle arrays + network outputs -> image score and patch map.
+
+A method never touches the CLI, calibration or outputs: the runtime (`runtime/detector.py`) turns its patch map
+into a pixel map, applies the calibration and hands the result on. Numpy only.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Mapping, Optional
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
+
+@dataclass(frozen=True)
+class MethodScore:
+    """One image as a method sees it.
+
+    score: the image score. patch_map: float32 [h, w], the per-position score on the method's output grid (the
+    runtime upsamples it to the network input and smooths it). details: method-specific numbers (PatchCore:
+    max_distance, weight, reranked) for records and tests.
+    """
+
+    score: float
+    patch_map: np.ndarray
+    details: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScorerOptions:
+    """Run-time choices a user may make for any method (a method ignores what does not apply to it)."""
+
+    ef: Optional[int] = None
+    exact_search: bool = False
+    threads: Optional[int] = None
+
+
+class Scorer(abc.ABC):
+    """A method's runtime half. Subclasses set `name` and implement `load` and `score`."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, bundle: "Bundle", options: ScorerOptions) -> "Scorer":
+        """Read and check the method's arrays and params from the bundle (BundleError naming the problem)."""
+
+    @abc.abstractmethod
+    def score(self, outputs: Mapping[str, np.ndarray]) -> List[MethodScore]:
+        """Score a batch: `outputs` are the network's outputs by name, batch first."""
+
+    @classmethod
+    def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
+        """Memory the method holds at run time, by component, from the manifest alone (for `devices fit`).
+
+        The default: every method array resident once.
+        """
+        return {key: int(np.prod(record.shape)) * np.dtype(record.dtype).itemsize
+                for key, record in bundle.method.arrays.items()}
+
+    def settings(self) -> Dict[str, object]:
+        """What the scores depend on beyond the bundle files (PatchCore: ef, exact search), for calibration."""
+        return {}

@@ -1,0 +1,99 @@
+"""PatchCore (Roth et al.) on the device: memory bank + HNSW index -> exact re-weighted image score, patch map.
+
+The score math lives in `patchcore_edge.scoring` (the re-ranked exact maximum and the re-weighting); this
+module reads the method's arrays from the bundle, checks them against each other and the network, and adapts
+the math to the `Scorer` interface.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping
+
+import numpy as np
+
+from ..bundle import BundleError
+from ..scoring import PatchScores, image_scores
+from ..search import IndexFileError, PatchSearch, index_resident_bytes, load_index, validate_neighbours
+from .base import MethodScore, Scorer, ScorerOptions
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
+NAME = "patchcore"
+
+
+def _positive_int(params: Mapping[str, Any], key: str, where: str) -> int:
+    value = params.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BundleError(f"{where}: method.params.{key} must be a positive integer, got {value!r}; re-export "
+                          "the bundle")
+    return int(value)
+
+
+class PatchCoreScorer(Scorer):
+    name = NAME
+
+    def __init__(self, search: PatchSearch, neighbours: np.ndarray, rerank: int, grid: tuple,
+                 output_name: str) -> None:
+        self.search = search
+        self.neighbours = neighbours
+        self.rerank = int(rerank)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.output_name = output_name
+
+    @classmethod
+    def load(cls, bundle: "Bundle", options: ScorerOptions) -> "PatchCoreScorer":
+        where = str(bundle.path / "manifest.json")
+        params = bundle.method.params
+        index_params = params.get("index")
+        if not isinstance(index_params, Mapping):
+            raise BundleError(f"{where}: method.params.index missing; re-export the bundle")
+        ef = options.ef or _positive_int(index_params, "ef", where)
+        rerank = _positive_int(params, "rerank", where)
+        b = _positive_int(params, "reweight_neighbours", where)
+        bank = bundle.method_array("memory_bank")
+        if bank.ndim != 2 or bank.shape[1] != bundle.features.dim or bank.dtype != np.float32:
+            raise BundleError(f"{bundle.path}: memory bank {bank.shape} {bank.dtype} does not match the network's "
+                              f"{bundle.features.dim}-d float32 features; re-export the bundle")
+        neighbours = bundle.method_array("bank_neighbours")
+        if neighbours.shape != (bank.shape[0], b):
+            raise BundleError(f"{bundle.path}: bank_neighbours has shape {neighbours.shape}, expected "
+                              f"{(bank.shape[0], b)}; re-export the bundle")
+        try:
+            neighbours = validate_neighbours(neighbours, bank.shape[0])
+            index = None if options.exact_search else load_index(bundle.method_file("index"), bank.shape[1],
+                                                                 bank.shape[0], bank=bank)
+            search = PatchSearch(bank, index, ef=ef, threads=options.threads)
+        except IndexFileError as error:
+            raise BundleError(f"{error}; re-export the bundle") from None
+        except ValueError as error:
+            raise BundleError(f"{bundle.path}: {error}; re-export the bundle") from None
+        return cls(search, neighbours, rerank, bundle.features.grid, bundle.features.output_name)
+
+    @classmethod
+    def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
+        count, dim = bundle.method.arrays["memory_bank"].shape
+        b = bundle.method.arrays["bank_neighbours"].shape[1]
+        index = bundle.method.params.get("index")
+        m = int(index.get("M", 16)) if isinstance(index, Mapping) else 16
+        # The bank, plus its squared norms (PatchSearch keeps them beside it).
+        return {"bank": count * dim * 4 + count * 4, "index": index_resident_bytes(count, dim, m, search_threads),
+                "neighbours": count * b * 4}
+
+    def patch_scores(self, grid: np.ndarray) -> List[PatchScores]:
+        """The full PatchCore record of a batch of feature grids [B, h, w, D]."""
+        n = grid.shape[0]
+        return image_scores(grid.reshape(n, -1, grid.shape[-1]), self.search, self.neighbours, self.rerank)
+
+    def score(self, outputs: Mapping[str, np.ndarray]) -> List[MethodScore]:
+        grid = outputs[self.output_name]
+        if grid.ndim != 4 or grid.shape[1:3] != self.grid or grid.shape[3] != self.search.dim:
+            raise BundleError(f"the feature network returned {grid.shape}, the bundle says "
+                              f"[B, {self.grid[0]}, {self.grid[1]}, {self.search.dim}]; re-export the bundle")
+        return [MethodScore(score=float(p.score), patch_map=p.patch_distances.reshape(self.grid),
+                            details={"max_patch_distance": float(p.max_distance), "weight": float(p.weight),
+                                     "reranked": float(p.reranked)})
+                for p in self.patch_scores(grid)]
+
+    def settings(self) -> Dict[str, object]:
+        return {"ef": self.search.ef, "exact_search": self.search.is_exact}
