@@ -112,3 +112,18 @@ def test_export_from_python_with_a_list_of_files(tmp_path: Path) -> None:
     summary = export(paths[:6], tmp_path / "bundle", resize=72, crop=64, coreset_ratio=0.25, engine=False)
     assert summary.images == 6
     assert Bundle.load(tmp_path / "bundle").training_image_count == 6
+
+
+def test_thread_budget_follows_the_cpu_affinity(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `taskset -c 0` the runtime sizes its pools to one core, not to the machine's count."""
+    import os
+
+    from patchcore_edge import Detector
+    from patchcore_edge.cpu import available_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert available_cores() == 1
+    with Detector.load(tiny_bundle, backend="onnxruntime") as detector:
+        assert detector.scorer.search.threads == 1  # type: ignore[attr-defined]
+        options = detector.backend.session.get_session_options()  # type: ignore[attr-defined]
+        assert options.intra_op_num_threads == 1

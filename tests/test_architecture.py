@@ -21,7 +21,7 @@ LAYERS: Dict[str, int] = {
     "": 5,
     # core: data, image I/O, the input transform, search, score math, maps, decision rules, statistics
     "bundle": 0, "imageio": 0, "preprocess": 0, "search": 0, "scoring": 0, "maps": 0, "decision": 0,
-    "stats": 0, "progress": 0, "errors": 0,
+    "stats": 0, "progress": 0, "errors": 0, "cpu": 0,
     # methods (runtime halves) and the TensorRT layer
     "methods": 1, "trt": 1,
     # the runtime: backends, detector, sources, outputs

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from ..cpu import available_cores
 
 
 class FeatureBackend(Protocol):
@@ -43,7 +43,7 @@ class OnnxRuntimeFeatures:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # One inference at a time per session: parallelism goes inside the operators.
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = threads or available_cores()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # ORT's workers busy-wait between operators (which keeps the features call fast) and, by default, for a

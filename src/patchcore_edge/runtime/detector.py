@@ -24,6 +24,7 @@ from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from ..cpu import available_cores
 from ..decision import Calibration, load_for_bundle
 from ..imageio import ImageReadError, read_rgb
 from ..maps import anomaly_map
@@ -109,6 +110,9 @@ class Detector:
         command uses it, so that it can replace a damaged calibration file.
         """
         bundle = Bundle.load(bundle_dir, verify=verify, verify_calibration=not ignore_calibration)
+        # One budget for the whole runtime: the network and the search run one after the other, each on all
+        # the cores this process may use (never the machine's count, which `taskset` or a cpuset may cut).
+        threads = threads or available_cores()
         try:
             method = scorer_class(bundle.method.name)
         except UnknownMethod as error:
