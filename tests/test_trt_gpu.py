@@ -22,10 +22,13 @@ pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(not AVAILABLE, reason=REA
 
 @pytest.fixture(scope="module")
 def model(tiny_bundle: Path) -> Dict[str, Any]:
-    from patchcore_edge.bundle import read_manifest
+    from patchcore_edge.bundle import Bundle, read_manifest
+    from patchcore_edge.devices.engine import bundle_io
 
     manifest = read_manifest(tiny_bundle)
-    return {"bundle": tiny_bundle, "manifest": manifest, "onnx": tiny_bundle / manifest["features"]["onnx_file"]}
+
+    return {"bundle": tiny_bundle, "manifest": manifest, "onnx": tiny_bundle / manifest["features"]["onnx_file"],
+            "io": bundle_io(Bundle.load(tiny_bundle))}
 
 
 def _inputs(manifest: Dict[str, Any], count: int, seed: int = 0) -> np.ndarray:
@@ -46,7 +49,7 @@ def test_engine_features_match_onnxruntime(model: Dict[str, Any], precision: str
     result = trt.build_engine(model["onnx"], precision=precision, max_batch=3, workspace_mb=256)
     assert len(result.engine) > 0 and len(result.timing_cache) > 0 and result.int8_cache is None
     batch = _inputs(model["manifest"], 5)
-    with trt.TensorRTFeatures(result.engine, model["manifest"]) as backend:
+    with trt.TensorRTFeatures(result.engine, model["io"]) as backend:
         assert backend.max_batch == 3
         got = backend.features(batch)  # 3 + 2: both optimisation profiles
         single = backend.features(batch[:1])  # profile 0
@@ -74,7 +77,7 @@ def test_int8_calibration_writes_a_cache_that_rebuilds(model: Dict[str, Any]) ->
     again = trt.build_engine(model["onnx"], precision="int8", max_batch=1, int8_cache=result.int8_cache)
     assert again.int8_cache == result.int8_cache
     batch = _inputs(model["manifest"], 2, seed=2)
-    with trt.TensorRTFeatures(again.engine, model["manifest"]) as backend:
+    with trt.TensorRTFeatures(again.engine, model["io"]) as backend:
         errors = trt.feature_errors(_onnx(model, batch), backend.features(batch))
     assert errors["max_rel"] <= trt.FEATURE_TOLERANCE["int8"]
 
@@ -83,7 +86,7 @@ def test_corrupt_engine_is_refused_with_rebuild_hint(model: Dict[str, Any]) -> N
     engine = trt.build_engine(model["onnx"], precision="fp16", max_batch=1, workspace_mb=256).engine
     broken = engine[: len(engine) // 2]
     with pytest.raises(trt.EngineLoadError, match="engine build BUNDLE"):
-        trt.TensorRTFeatures(broken, model["manifest"])
+        trt.TensorRTFeatures(broken, model["io"])
 
 
 def test_engine_build_command_registers_and_auto_backend_uses_it(model: Dict[str, Any], tmp_path: Path) -> None:
@@ -98,7 +101,7 @@ def test_engine_build_command_registers_and_auto_backend_uses_it(model: Dict[str
                                                "--workspace", "256"])
     assert result.exit_code == 0, result.output
     (entry,) = read_manifest(bundle)["engines"]
-    assert entry["verification"]["bundle_check"]["scores"]["max_rel_change"] <= 0.02
+    assert entry["verification"]["scores"]["max_rel_change"] <= 0.02
     detector = Detector.load(bundle, backend="auto")
     assert detector.backend_name == "tensorrt"
     image = np.random.default_rng(4).integers(0, 255, (80, 96, 3), dtype=np.uint8)

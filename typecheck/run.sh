@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Type-check src/patchcore_edge/trt.py against the TensorRT stubs (tensorrt-stubs, fixed by prepare_stubs.py).
-# 1. trt.py must pass mypy --strict;
+# Type-check the package src/patchcore_edge/trt/ against the TensorRT stubs (tensorrt-stubs, fixed by
+# prepare_stubs.py) and cuda-python.
+# 1. every module of trt/ must pass mypy --strict;
 # 2. a probe using an API removed in TensorRT 10 must FAIL, which proves the stubs are really read (without them
 #    mypy would treat `tensorrt` as missing/Any and pass everything).
 # Needs: mypy, tensorrt-stubs (pip install --no-deps tensorrt-stubs), numpy.
@@ -14,8 +15,8 @@ python="${PYTHON:-python}"
 export MYPYPATH="$stubs"
 cd "$root"
 
-echo "mypy (strict) on src/patchcore_edge/trt.py with TensorRT stubs from $stubs"
-"$python" -m mypy --config-file "$here/mypy.ini" --no-incremental src/patchcore_edge/trt.py
+echo "mypy (strict) on src/patchcore_edge/trt/ with TensorRT stubs from $stubs"
+"$python" -m mypy --config-file "$here/mypy.ini" --no-incremental src/patchcore_edge/trt
 
 probe_out="$("$python" -m mypy --config-file "$here/mypy.ini" --no-incremental "$here/probes/removed_api.py" 2>&1 || true)"
 if grep -q 'has no attribute "max_workspace_size"' <<<"$probe_out"; then

@@ -1,7 +1,7 @@
 """`patchcore-edge devices ...` (profiles, detection, memory fit) and `patchcore-edge engine build`.
 
-The lead registers `devices_group` and `engine_group` in the main click group. Nothing here imports torch;
-TensorRT is reached only through `patchcore_edge.trt`.
+The lead registers `devices_group` and `engine_group` in the main click group. Nothing here imports torch; the
+engine work itself is library code in `devices/engine.py`.
 """
 
 from __future__ import annotations
@@ -9,25 +9,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-import tempfile
-from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple
+from typing import NoReturn, Optional
 
 import click
-import numpy as np
 
-from ..bundle import Bundle, BundleError, utc_stamp
-from ..imageio import ImageReadError, list_images, read_rgb
-from ..methods import ScorerOptions, scorer_class
-from ..preprocess import InputSpec, preprocess
-from ..runtime.backends import OnnxRuntimeFeatures
+from .. import trt
+from ..bundle import Bundle, BundleError
 from ..devices.detect import DeviceInfo, detect_device
+from ..devices.engine import build_and_register
 from ..devices.memory import estimate_memory, format_estimate
 from ..devices.profiles import ProfileError, get_profile, load_profiles
-
-# Largest accepted relative change of any image score, engine vs ONNX Runtime, per precision. Thresholds are
-# set on scores, so an engine that moves scores by more than this could move decisions.
-SCORE_TOLERANCE = {"fp32": 0.005, "fp16": 0.02, "int8": 0.10}
-SYNTHETIC_IMAGES = 8
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -176,92 +167,6 @@ def engine_group() -> None:
     """TensorRT engines for a bundle (built on the device that will run them)."""
 
 
-def _preprocessed_images(folder: Path, spec: InputSpec, limit: int) -> Iterator[np.ndarray]:
-    """Nominal images of `folder`, preprocessed as the runtime does; unreadable files are reported and skipped."""
-    try:
-        paths, skipped = list_images(folder)
-    except NotADirectoryError as error:
-        _fail(str(error))
-    for problem in skipped:
-        click.echo(f"skipped {problem}", err=True)
-    used = 0
-    for path in paths:
-        if used >= limit:
-            break
-        try:
-            image = read_rgb(path)
-        except ImageReadError as error:
-            click.echo(f"skipped {error}", err=True)
-            continue
-        used += 1
-        yield preprocess(image, spec)
-
-
-def _synthetic_images(spec: InputSpec, count: int = SYNTHETIC_IMAGES) -> List[np.ndarray]:
-    """Smooth textured images (deterministic) when no sample images are given; stated in the verification."""
-    rng = np.random.default_rng(0)
-    size = spec.resize
-    ramp = np.linspace(0, 2 * np.pi, size, dtype=np.float32)
-    images = []
-    for i in range(count):
-        base = 128 + 60 * np.sin(ramp[None, :, None] * (i + 1) + ramp[:, None, None] * 0.5)
-        noise = rng.normal(0, 12, (size, size, 3))
-        images.append(preprocess(np.clip(base + noise, 0, 255).astype(np.uint8), spec))
-    return images
-
-
-def verify_against_onnxruntime(bundle: Bundle, candidate: Any, images: Sequence[np.ndarray], source: str
-                               ) -> Dict[str, Any]:
-    """Features and image scores of `candidate` vs ONNX Runtime (CPU) on the same preprocessed images.
-
-    Scores use the bundle's method with exact search, so the only difference between the two columns is the
-    feature backend.
-    """
-    from ..trt import feature_errors
-
-    scorer = scorer_class(bundle.method.name).load(bundle, ScorerOptions(exact_search=True))
-    features = bundle.features
-    reference = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
-                                    providers=("CPUExecutionProvider",))
-    batch = np.stack(list(images)).astype(np.float32)
-    try:
-        ref = reference.run(batch)
-    finally:
-        reference.close()
-    cand = {features.output_name: candidate.features(batch)}
-    ref_scores = np.array([s.score for s in scorer.score(ref)])
-    cand_scores = np.array([s.score for s in scorer.score(cand)])
-    change = np.abs(cand_scores - ref_scores)
-    relative = change / np.maximum(np.abs(ref_scores), 1e-12)
-    return {"reference": "onnxruntime CPUExecutionProvider", "images": int(len(batch)), "image_source": source,
-            "features": feature_errors(ref[features.output_name], cand[features.output_name]),
-            "scores": {"max_abs_change": float(change.max()), "max_rel_change": float(relative.max()),
-                       "reference_min": float(ref_scores.min()), "reference_max": float(ref_scores.max())}}
-
-
-def check_tolerance(verification: Mapping[str, Any], precision: str,
-                    tolerance: Optional[float] = None) -> Tuple[bool, str]:
-    """Whether the score change is within the tolerance stated for the precision, and the line saying so."""
-    limit = SCORE_TOLERANCE[precision] if tolerance is None else float(tolerance)
-    change = float(verification["scores"]["max_rel_change"])
-    verdict = "within" if change <= limit else "BEYOND"
-    return change <= limit, (f"image scores change by at most {change:.3g} (relative) on "
-                             f"{verification['images']} {verification['image_source']} images: {verdict} the "
-                             f"{limit:g} tolerance for {precision}")
-
-
-def _previous_caches(bundle: Bundle, slug: str, version: str) -> Tuple[Optional[bytes], Optional[bytes]]:
-    """Timing and INT8 caches of an earlier engine for this device and TensorRT version, if any."""
-    timing = int8 = None
-    for entry in bundle.engines:
-        if entry.get("device") == slug and entry.get("tensorrt_version") == version:
-            if entry.get("timing_cache") and timing is None:
-                timing = bundle.file(entry["timing_cache"]).read_bytes()
-            if entry.get("int8_calibration_cache") and int8 is None:
-                int8 = bundle.file(entry["int8_calibration_cache"]).read_bytes()
-    return timing, int8
-
-
 @engine_group.command("build")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(["fp16", "int8", "fp32"]), default=None,
@@ -284,69 +189,17 @@ def build_command(bundle: Path, precision: Optional[str], dla_core: Optional[int
                   calibration_images: Optional[Path], max_batch: Optional[int], verify_images: Optional[Path],
                   calibration_limit: int, tolerance: Optional[float]) -> None:
     """Build a TensorRT engine for this device, verify it against ONNX Runtime, register it in BUNDLE."""
-    from .. import trt
-
-    available, reason = trt.tensorrt_status()
-    if not available:
-        _fail(f"cannot build a TensorRT engine here: {reason}. Build it on the Jetson that will run the bundle "
-              "(JetPack ships TensorRT), or run with `--backend onnxruntime`.")
-    loaded = _read_bundle(bundle, verify_files=True)
-    spec = loaded.input_spec
-    info = detect_device()
-    profile = get_profile(info.slug)
-    if not profile.engines_supported:
-        _fail(f"{info.slug}: {profile.data['engines'].get('note')}")
-    chosen = precision or str(profile.defaults.get("precision") or "fp16")
-    version = str(info.tensorrt_version)
-    timing_cache, int8_cache = _previous_caches(loaded, info.slug, version)
-    calibration = None
-    if chosen == "int8" and calibration_images is not None:
-        int8_cache = None  # new images asked for: calibrate again
-        calibration = _preprocessed_images(calibration_images, spec, calibration_limit)
-
-    # A rebuild for the same device, TensorRT and precision gets a time tag: bundle files are never overwritten.
-    plain_name = trt.engine_file_name(info.slug, version, chosen, dla_core)
-    tag = utc_stamp() if loaded.has_file(plain_name) else None
-
-    # Built outside the bundle: only update_bundle writes into it, so a failed build leaves it untouched.
-    with tempfile.TemporaryDirectory(prefix="patchcore-engine-") as staging_name:
-        staging = Path(staging_name)
-        try:
-            entry = trt.build_engine_into(staging, loaded.file(loaded.features.onnx_file), chosen,
-                                          log=lambda line: click.echo(line), max_batch=max_batch,
-                                          workspace_mb=workspace_mb, dla_core=dla_core,
-                                          calibration_batches=calibration, timing_cache=timing_cache,
-                                          int8_cache=int8_cache, tag=tag)
-        except (trt.EngineBuildError, trt.TensorRTUnavailable) as error:
-            _fail(str(error))
-        sample_dir = verify_images or calibration_images
-        if sample_dir is not None:
-            samples = list(_preprocessed_images(sample_dir, spec, 16))
-            source = f"sample ({sample_dir})"
-        else:
-            samples, source = _synthetic_images(spec), "synthetic"
-        if not samples:
-            _fail(f"{sample_dir}: no readable image to verify the engine on")
-        with trt.TensorRTFeatures(staging / entry["file"], loaded.manifest_copy()) as candidate:
-            verification = verify_against_onnxruntime(loaded, candidate, samples, source)
-        ok, line = check_tolerance(verification, chosen, tolerance)
-        click.echo(line)
-        if not ok:
-            _fail(f"engine not registered: {line}. Try --precision fp16 (or fp32), or more representative "
-                  "--calibration-images for INT8.", code=1)
-        verification["score_tolerance"] = SCORE_TOLERANCE[chosen] if tolerance is None else tolerance
-        entry["verification"] = {**entry["verification"], "bundle_check": verification}
-
-        artifacts = [entry["file"], entry["timing_cache"]] + ([entry["int8_calibration_cache"]]
-                                                              if entry.get("int8_calibration_cache") else [])
-        new_files = {name: (staging / name).read_bytes() for name in artifacts}
-        engines = loaded.engines
-        replaced = [e for e in engines
-                    if (e.get("device"), e.get("tensorrt_version"), e.get("precision"), e.get("dla_core"))
-                    == (entry["device"], entry["tensorrt_version"], entry["precision"], entry["dla_core"])]
-        remove = sorted({name for e in replaced for name in (e.get("file"), e.get("timing_cache"),
-                                                                  e.get("int8_calibration_cache"))
-                         if name and loaded.has_file(name)})
-        loaded.set_engines([e for e in engines if e not in replaced] + [entry], new_files, remove=remove)
-    click.echo(f"registered {entry['file']} in {bundle}" + (f" (replaces {', '.join(remove)})" if remove else ""))
-
+    try:
+        report = build_and_register(bundle, precision, dla_core=dla_core, workspace_mb=workspace_mb,
+                                    max_batch=max_batch, calibration_images=calibration_images,
+                                    calibration_limit=calibration_limit, verify_images=verify_images,
+                                    tolerance=tolerance, log=click.echo, warn=lambda line: click.echo(line, err=True))
+    except trt.EngineScoreError as error:
+        _fail(str(error), code=1)
+    except (trt.EngineBuildError, trt.TensorRTUnavailable, trt.CudaError, BundleError) as error:
+        _fail(str(error))
+    removed = report.removed
+    click.echo(f"registered {report.entry['file']} in {bundle}" + (f" (replaces {', '.join(removed)})" if removed
+                                                                    else ""))
+    for note in report.notes:
+        click.echo(f"note: {note}")

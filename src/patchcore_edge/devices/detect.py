@@ -1,7 +1,8 @@
 """Which board is this? Read from the device tree, the L4T release file, /proc/meminfo and (optionally) CUDA.
 
 Every file is read under a `root` folder (default "/"), so tests can run the real parsing code on files they
-write. The CUDA and TensorRT probes go through `patchcore_edge.trt`, the only module that imports them.
+write. The CUDA and TensorRT probes go through `patchcore_edge.trt` (below this package: it knows nothing of
+boards), the only package that imports them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..trt import cuda_devices, tensorrt_version
 from .profiles import Profile, Variant, load_profiles
 
 # Jetson Linux (L4T) release -> JetPack release, from https://developer.nvidia.com/embedded/jetpack-archive and
@@ -161,17 +163,15 @@ def detect_device(root: "Path | str" = "/", probe_cuda: bool = True, probe_tenso
     cuda_memory_mb: Optional[int] = None
     trt_version: Optional[str] = None
     if probe_cuda or probe_tensorrt:
-        from .. import trt
-
         if probe_cuda:
-            devices, reason = trt.cuda_devices()
+            devices, reason = cuda_devices()
             if devices:
                 gpu_name, cuda_cc = devices[0].name, devices[0].compute_capability
                 cuda_memory_mb = devices[0].total_memory_bytes // (1 << 20)
             else:
                 notes.append(f"CUDA: {reason}")
         if probe_tensorrt:
-            trt_version = trt.tensorrt_version()
+            trt_version = tensorrt_version()
 
     profile, variant, evidence = match_jetson(model, compatible, profiles)
     if profile is not None:

@@ -238,7 +238,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         staged["parity"] = parity
 
         engines: List[Dict[str, Any]] = []
-        staged["engine_note"] = _maybe_build_engine(options, onnx_path, staging, engines, log)
+        staged["engine_note"] = _maybe_build_engine(options, onnx_path, samples, staging, engines, log)
         held_out = fitted.training_scores
         return {
             "format": FORMAT_NAME,
@@ -277,18 +277,22 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds)
 
 
-def _maybe_build_engine(options: ExportOptions, onnx_path: Path, staging: Path,
+def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[np.ndarray], staging: Path,
                         engines: List[Dict[str, Any]], log: Log) -> str:
-    """Build a TensorRT engine for this machine's GPU where TensorRT exists; otherwise say so and carry on."""
+    """Build a TensorRT engine for this machine's GPU where TensorRT exists; otherwise say so and carry on.
+
+    The engine is checked against ONNX Runtime on the transformed nominal images kept from the feature pass.
+    """
     if not options.engine:
         return "TensorRT engine: not requested (--no-engine)"
     from .. import trt
+    from ..devices.engine import build_engine_into
 
     available, reason = trt.tensorrt_status()
     if not available:
         return f"TensorRT engine: skipped ({reason}); build it on the device with `patchcore-edge engine build`"
     try:
-        entry = trt.build_engine_into(staging, onnx_path, precision="fp16", log=log)
+        entry = build_engine_into(staging, onnx_path, "fp16", samples, "nominal (export)", log)
     except (trt.EngineBuildError, trt.TensorRTUnavailable, trt.CudaError) as error:
         return f"TensorRT engine: not built ({error}); the bundle runs with ONNX Runtime"
     engines.append(entry)

@@ -108,12 +108,11 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] =
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     features = bundle.features
     if backend in ("auto", "tensorrt"):
-        from .. import trt
+        from ..devices.engine import find_engine, open_engine
 
-        manifest = bundle.manifest_copy()
-        engine, reason = trt.find_engine(bundle.path, manifest)
+        engine, reason = find_engine(bundle)
         if engine is not None:
-            runner = trt.TensorRTFeatures(bundle.path / engine["file"], manifest)
+            runner = open_engine(bundle, engine)
             return SingleOutputBackend(runner, features.output_name), f"TensorRT engine {engine['file']}"
         if backend == "tensorrt":
             raise BundleError(f"{bundle.path}: no usable TensorRT engine ({reason})")
