@@ -82,10 +82,10 @@ def test_letterbox_map_drops_the_padding_and_padding_patches_never_count() -> No
     input_map[24:40] = 1.0
     full = map_to_image(input_map, geo)
     assert full.shape == (32, 128) and np.allclose(full, 1.0)
-    valid = patch_validity(geo, (8, 8), spec)
+    valid = patch_validity(geo, (8, 8))
     assert valid is not None
     assert valid.reshape(8, 8)[3:5].all() and not valid.reshape(8, 8)[:3].any() and not valid.reshape(8, 8)[5:].any()
-    assert patch_validity(geometry(32, 128, InputSpec(fit="squash")), (8, 8), InputSpec(fit="squash")) is None
+    assert patch_validity(geometry(32, 128, InputSpec(fit="squash")), (8, 8)) is None
 
 
 def test_non_square_map_back_and_region_of_interest() -> None:
@@ -95,7 +95,7 @@ def test_non_square_map_back_and_region_of_interest() -> None:
     assert full.shape == (100, 300)
     mask = region_mask(100, 300, spec)
     assert mask is not None and mask[:, :148].all() and not mask[:, 152:].any()
-    valid = patch_validity(geo, (4, 8), spec)
+    valid = patch_validity(geo, (4, 8), mask)
     assert valid is not None and valid.reshape(4, 8)[:, :4].all() and not valid.reshape(4, 8)[:, 4:].any()
 
 

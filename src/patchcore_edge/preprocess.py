@@ -57,6 +57,8 @@ class InputSpec:
     fit: str = "crop"
     size: Optional[Tuple[int, int]] = None
     roi: Optional[Tuple[Tuple[float, float], ...]] = None
+    tile: Optional[int] = None
+    tile_overlap: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.resize, int) and isinstance(self.crop, int)):
@@ -82,6 +84,10 @@ class InputSpec:
             if len(points) < 3 or not all(0.0 <= v <= 1.0 and math.isfinite(v) for p in points for v in p):
                 raise ValueError("roi needs at least 3 (x, y) points inside [0, 1]")
             object.__setattr__(self, "roi", points)
+        if self.tile is not None:
+            tile_boxes(self.tile, self.tile, self.tile, self.tile_overlap)  # validates tile and overlap
+        elif self.tile_overlap:
+            raise ValueError("tile_overlap needs a tile size")
 
     @property
     def width(self) -> int:
@@ -96,7 +102,8 @@ class InputSpec:
             "fit": self.fit, "size": [self.width, self.height], "resize": self.resize, "mean": list(self.mean),
             "std": list(self.std), "channel_order": "RGB", "layout": "NCHW",
             "resize_rule": "per axis: area down, bilinear up", "fit_rule": FIT_HELP[self.fit],
-            "roi": None if self.roi is None else [list(p) for p in self.roi]}
+            "roi": None if self.roi is None else [list(p) for p in self.roi],
+            "tile": None if self.tile is None else {"size": self.tile, "overlap": self.tile_overlap}}
         if self.width == self.height:
             entry["crop"] = self.width  # readers of format 1 manifests
         return entry
@@ -105,18 +112,31 @@ class InputSpec:
     def from_manifest(cls, entry: Mapping[str, Any]) -> "InputSpec":
         width, height = input_size(entry)
         roi = entry.get("roi")
+        tile = entry.get("tile")
         return cls(resize=int(entry.get("resize", max(width, height))), crop=min(width, height),
                    size=None if width == height else (width, height), fit=str(entry.get("fit", "crop")),
                    mean=tuple(float(v) for v in entry["mean"]),  # type: ignore[arg-type]
                    std=tuple(float(v) for v in entry["std"]),  # type: ignore[arg-type]
-                   roi=None if roi is None else tuple((float(x), float(y)) for x, y in roi))
+                   roi=None if roi is None else tuple((float(x), float(y)) for x, y in roi),
+                   tile=None if tile is None else int(tile["size"]),
+                   tile_overlap=0 if tile is None else int(tile["overlap"]))
 
     def describe(self) -> str:
         """One line for `export` and `run`: what the network sees and why."""
         text = f"fit {self.fit} to {self.width}x{self.height}: {FIT_HELP[self.fit]}"
         if self.fit == "crop":
             text += f" (resize {self.resize})"
+        if self.tile is not None:
+            text += f"; each {self.tile}x{self.tile} tile (overlap {self.tile_overlap} px) of the image"
         return text + ("; region of interest set" if self.roi is not None else "")
+
+    def pieces(self, image: np.ndarray) -> Tuple[List["Tile"], List[np.ndarray]]:
+        """The image itself, or its tiles when tiling: what goes through the network one by one."""
+        height, width = image.shape[:2]
+        if self.tile is None:
+            return [Tile(0, 0, height, width)], [image]
+        tiles = tile_boxes(height, width, self.tile, self.tile_overlap)
+        return tiles, cut_tiles(image, tiles)
 
 
 def input_size(entry: Mapping[str, Any]) -> Tuple[int, int]:
@@ -352,11 +372,12 @@ def region_mask(height: int, width: int, spec: InputSpec) -> Optional[np.ndarray
     return mask.astype(bool)
 
 
-def patch_validity(geo: Geometry, grid: Tuple[int, int], spec: InputSpec) -> Optional[np.ndarray]:
-    """bool [h * w]: the patches whose centre falls on the image (not letterbox padding) and inside the region
-    of interest. None when every patch counts (no padding, no ROI)."""
+def patch_validity(geo: Geometry, grid: Tuple[int, int], roi: Optional[np.ndarray] = None
+                   ) -> Optional[np.ndarray]:
+    """bool [h * w]: the patches whose centre falls on the image (not letterbox padding) and inside `roi` (bool
+    (H, W) over the image of `geo`, see `region_mask`). None when every patch counts (no padding, no ROI)."""
     padded = geo.top < 0 or geo.left < 0
-    if not padded and spec.roi is None:
+    if not padded and roi is None:
         return None
     h, w = grid
     # Patch centres in input pixels (half-pixel centres, as the bilinear map upsampling assumes).
@@ -366,11 +387,10 @@ def patch_validity(geo: Geometry, grid: Tuple[int, int], spec: InputSpec) -> Opt
     inside_y = (ry >= -0.5) & (ry <= geo.resized_height - 0.5)
     inside_x = (rx >= -0.5) & (rx <= geo.resized_width - 0.5)
     valid = inside_y[:, None] & inside_x[None, :]
-    mask = region_mask(geo.height, geo.width, spec)
-    if mask is not None:
+    if roi is not None:
         oy = np.clip(np.floor((ry + 0.5) * geo.height / geo.resized_height), 0, geo.height - 1).astype(np.int64)
         ox = np.clip(np.floor((rx + 0.5) * geo.width / geo.resized_width), 0, geo.width - 1).astype(np.int64)
-        valid &= mask[oy[:, None], ox[None, :]]
+        valid &= roi[oy[:, None], ox[None, :]]
     return valid.ravel()
 
 

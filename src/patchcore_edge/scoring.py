@@ -14,7 +14,7 @@ Runs on the device: numpy and OpenCV only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -76,9 +76,12 @@ def image_score(patch_features: np.ndarray, search: PatchSearch, reweight_neighb
 
 
 def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neighbours: np.ndarray,
-                 rerank: int = DEFAULT_RERANK) -> List[PatchScores]:
+                 rerank: int = DEFAULT_RERANK, valid: Optional[np.ndarray] = None) -> List[PatchScores]:
     """Exact PatchCore scores of a batch [B, P, D]: one hnswlib query for all B*P patches, then re-rank
-    rounds that search the patches of all unfinished images in one exact call each."""
+    rounds that search the patches of all unfinished images in one exact call each.
+
+    `valid` (bool [B, P], optional): patches that may score; the others (letterbox padding, outside the region
+    of interest) get distance 0: never the maximum, zero in the map; an image without one scores 0."""
     features = np.asarray(patch_features)
     if features.ndim != 3 or features.shape[1] < 1 or features.shape[2] != search.dim:
         raise ValueError(f"patch features must have shape [B, P, {search.dim}], got {features.shape}")
@@ -94,6 +97,10 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
 
     approx, approx_idx = search.nearest(flat)
     approx = approx.reshape(batch, patches)
+    keep = np.ones((batch, patches), bool) if valid is None else np.asarray(valid, dtype=bool)
+    if keep.shape != (batch, patches):
+        raise ValueError(f"valid must be bool [{batch}, {patches}], got shape {keep.shape}")
+    approx = np.where(keep, approx, np.float32(0.0))
     distances = approx.copy()
     nearest = approx_idx.reshape(batch, patches).copy()
     order = np.argsort(-approx, axis=1, kind="stable")
@@ -111,7 +118,7 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
         # keeps "exact <= approximate" even where rounding in the BLAS expansion picked a near-tie. Equal
         # distances take the exact search's row, as a full exact search would.
         better = exact <= approx[which, cols]
-        distances[which, cols] = np.where(better, exact, approx[which, cols])
+        distances[which, cols] = np.where(keep[which, cols], np.where(better, exact, approx[which, cols]), 0.0)
         nearest[which, cols] = np.where(better, exact_idx, nearest[which, cols])
         done[images] = target[images]
         for i in images:
@@ -140,8 +147,9 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
             for i in range(batch)]
 
 
-def anomaly_map(patch_distances: np.ndarray, crop: int, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
-    """Patch distances [h, w] -> float32 [crop, crop] pixel anomaly map.
+def anomaly_map(patch_distances: np.ndarray, crop: Union[int, Tuple[int, int]],
+                sigma: float = DEFAULT_SIGMA) -> np.ndarray:
+    """Patch distances [h, w] -> float32 [crop, crop] pixel anomaly map ([height, width] for crop=(width, height)).
 
     As amazon-science/patchcore-inspection (RescaleSegmentor): bilinear upsampling with half-pixel centres
     (OpenCV INTER_LINEAR == torch interpolate(mode="bilinear", align_corners=False)), then a Gaussian blur
@@ -152,12 +160,13 @@ def anomaly_map(patch_distances: np.ndarray, crop: int, sigma: float = DEFAULT_S
     grid = np.asarray(patch_distances)
     if grid.ndim != 2 or grid.shape[0] < 1 or grid.shape[1] < 1:
         raise ValueError(f"patch distances must be a 2-D grid [h, w], got shape {grid.shape}")
-    if int(crop) < 1:
+    width, height = (int(crop), int(crop)) if isinstance(crop, (int, np.integer)) else (int(crop[0]), int(crop[1]))
+    if min(width, height) < 1:
         raise ValueError(f"crop must be >= 1, got {crop}")
     grid = np.ascontiguousarray(grid, dtype=np.float32)
     if not np.isfinite(grid).all():
         raise ValueError("patch distances contain NaN or infinite values")
-    upsampled = cv2.resize(grid, (int(crop), int(crop)), interpolation=cv2.INTER_LINEAR)
+    upsampled = cv2.resize(grid, (width, height), interpolation=cv2.INTER_LINEAR)
     if sigma <= 0:
         return upsampled
     size = gaussian_kernel_size(float(sigma))

@@ -28,6 +28,8 @@ from typing import Tuple
 
 import numpy as np
 
+from .preprocess import input_size
+
 if TYPE_CHECKING:  # pragma: no cover - the stubs give the type checker TensorRT's names
     import tensorrt as trt
 
@@ -631,10 +633,10 @@ class TensorRTFeatures:
                 raise EngineLoadError(f"{engine}: cannot read the engine ({error.strerror or error}); "
                                       f"{REBUILD_HINT}") from None
         features = manifest["features"]
-        crop = int(manifest["input"]["crop"])
+        width, height = input_size(manifest["input"])
         self._input_name = str(features.get("input_name", INPUT_NAME))
         self._output_name = str(features.get("output_name", OUTPUT_NAME))
-        self._input_tail = (3, crop, crop)
+        self._input_tail = (3, height, width)
         self._output_tail = (int(features["grid"][0]), int(features["grid"][1]), int(features["dim"]))
         self._log = _LogStore()
         self._logger = _make_logger(self._log)
@@ -799,9 +801,9 @@ def onnx_io(onnx_path: "Path | str") -> Dict[str, Any]:
         raise EngineBuildError(f"{onnx_path}: expected one input and one output")
     in_shape, out_shape = inputs[0].shape, outputs[0].shape
     if len(in_shape) != 4 or len(out_shape) != 4 or not all(isinstance(v, int) for v in out_shape[1:]):
-        raise EngineBuildError(f"{onnx_path}: shapes {in_shape} -> {out_shape} are not [B,3,crop,crop] -> "
+        raise EngineBuildError(f"{onnx_path}: shapes {in_shape} -> {out_shape} are not [B,3,H,W] -> "
                                "[B,h,w,D] with a fixed h, w, D")
-    return {"input": {"crop": int(in_shape[2])},
+    return {"input": {"size": [int(in_shape[3]), int(in_shape[2])]},
             "features": {"grid": [int(out_shape[1]), int(out_shape[2])], "dim": int(out_shape[3]),
                          "input_name": inputs[0].name, "output_name": outputs[0].name}}
 
@@ -849,8 +851,8 @@ def build_engine_into(folder: "Path | str", onnx_path: "Path | str", precision: 
                           int8_cache=int8_cache, compute_capability=device.compute_capability)
 
     description = onnx_io(onnx_path)
-    crop = int(description["input"]["crop"])
-    probe = np.random.default_rng(0).standard_normal((min(2, max_batch), 3, crop, crop)).astype(np.float32)
+    width, height = input_size(description["input"])
+    probe = np.random.default_rng(0).standard_normal((min(2, max_batch), 3, height, width)).astype(np.float32)
     with TensorRTFeatures(result.engine, description) as backend:
         candidate = backend.features(probe)
     errors = feature_errors(_onnx_features(onnx_path, description, probe), candidate)

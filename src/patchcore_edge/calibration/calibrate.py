@@ -20,6 +20,7 @@ import numpy as np
 from .. import __version__
 from ..bundle import BundleError, read_manifest, update_bundle, utc_stamp
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, decode_rgb, list_images, read_rgb
+from ..preprocess import input_size
 from . import thresholds as stats
 from .model import (
     Calibration,
@@ -272,9 +273,9 @@ def default_min_defect_area(manifest: Mapping[str, Any], short_side: int) -> int
     spec = manifest.get("input", {})
     stride = features.get("stride")
     if not isinstance(stride, (int, float)) or stride <= 0:
-        crop = float(spec.get("crop", 224))
-        stride = crop / float(features.get("grid", [28, 28])[1])
-    resize = float(spec.get("resize", 256))
+        stride = float(input_size(spec)[0]) / float(features.get("grid", [28, 28])[1])
+    # The shorter side's scale: `resize` for a crop, the input's shorter side when the whole image is fitted.
+    resize = float(spec.get("resize", 256)) if spec.get("fit", "crop") == "crop" else float(min(input_size(spec)))
     cell = float(stride) * short_side / resize
     return max(1, round((cell / 2.0) ** 2))
 

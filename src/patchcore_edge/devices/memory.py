@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..preprocess import input_size
 from .profiles import Profile
 
 MIB = 1 << 20
@@ -159,7 +160,7 @@ def estimate_memory(manifest: Mapping[str, Any], profile: Profile, *, variant: O
     dim = int(features["dim"])
     m = int(manifest["index"]["M"])
     b = int(manifest["score"]["reweight_neighbours"])
-    crop = int(manifest["input"]["crop"])
+    width, height = input_size(manifest["input"])
     grid_h, grid_w = (int(g) for g in features["grid"])
     assumptions: List[str] = []
 
@@ -180,7 +181,7 @@ def estimate_memory(manifest: Mapping[str, Any], profile: Profile, *, variant: O
         model = int(onnx_bytes * ORT_MODEL_FACTOR)
         runtime_overhead = PYTHON_RUNTIME_BYTES + ORT_SESSION_BYTES
 
-    input_bytes = images * 3 * crop * crop * 4
+    input_bytes = images * 3 * height * width * 4
     output_bytes = images * grid_h * grid_w * dim * 4
     peak: Optional[int] = None
     if bundle_dir is not None:

@@ -179,7 +179,7 @@ def build_extractor(backbone: str, weights: Union[str, os.PathLike[str], None], 
     del model  # the stages past `coarser` are no longer referenced and are freed
 
     with torch.no_grad():
-        probe = body.eval()(torch.zeros(1, 3, spec.crop, spec.crop))
+        probe = body.eval()(torch.zeros(1, 3, spec.height, spec.width))
     channels = (int(probe[0].shape[1]), int(probe[1].shape[1]))
     dim = default_feature_dim(backbone, sum(channels)) if feature_dim is None else int(feature_dim)
     if not 1 <= dim <= sum(channels):

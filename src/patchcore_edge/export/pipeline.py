@@ -37,6 +37,13 @@ class ExportOptions:
     weights: Optional[str] = None
     resize: int = 256
     crop: int = 224
+    # --- input geometry (issue 18): see preprocess.InputSpec
+    fit: str = "squash"
+    input_size: Optional[Tuple[int, int]] = None  # (width, height); None: crop x crop
+    tile: Optional[int] = None
+    tile_overlap: int = 0
+    roi: Optional[Tuple[Tuple[float, float], ...]] = None
+    # ---
     feature_dim: Optional[int] = None
     coreset_ratio: float = 0.1
     coreset_size: Optional[int] = None
@@ -120,14 +127,15 @@ def extract_bank_features(extractor: Any, paths: List[Path], spec: InputSpec, ba
         except OSError as error:
             errors.append(ImageReadError(path, f"cannot read file ({error.strerror or error})"))
         else:
-            tensor = torch_preprocess(image, spec)
-            if len(samples) < 8:
-                samples.append(tensor.numpy().copy())
-            batch.append(tensor)
+            for piece in spec.pieces(image)[1]:  # the image, or each of its tiles
+                tensor = torch_preprocess(piece, spec)
+                if len(samples) < 8:
+                    samples.append(tensor.numpy().copy())
+                batch.append(tensor)
+                if len(batch) == batch_size:
+                    flush()
             used.append(path)
             hashes.append(hashlib.sha256(data).hexdigest())
-            if len(batch) == batch_size:
-                flush()
         progress("features", position, len(paths))
     flush()
     features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
@@ -150,9 +158,11 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     if output.exists() and not options.force:
         raise BundleError(f"{output}: already exists; pass --force to overwrite it or choose another output folder")
     try:
-        spec = InputSpec(resize=options.resize, crop=options.crop)
+        spec = InputSpec(resize=options.resize, crop=options.crop, fit=options.fit, size=options.input_size,
+                         roi=options.roi, tile=options.tile, tile_overlap=options.tile_overlap)
     except ValueError as error:
         raise ExportError(str(error)) from None
+    log(f"input: {spec.describe()}")
     paths, skipped = scan_nominal(Path(options.nominal_dir))
 
     torch.manual_seed(options.seed)
