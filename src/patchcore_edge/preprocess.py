@@ -394,6 +394,11 @@ def patch_validity(geo: Geometry, grid: Tuple[int, int], roi: Optional[np.ndarra
     return valid.ravel()
 
 
+def inspected_fraction(height: int, width: int, spec: InputSpec) -> float:
+    """The fraction of an image of this size that the network sees: 1.0 for squash, letterbox and tiles."""
+    return 1.0 if spec.tile is not None else geometry(height, width, spec).inspected_fraction
+
+
 # ---------------------------------------------------------------------------------------------------- tiling
 
 @dataclass(frozen=True)

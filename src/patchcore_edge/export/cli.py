@@ -11,7 +11,8 @@ import click
 from ..preprocess import FITS
 from ..progress import StageBars
 
-BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
+BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1",
+                    "efficientnet_lite2")
 
 
 def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:

@@ -43,6 +43,7 @@ class ExportOptions:
     tile: Optional[int] = None
     tile_overlap: int = 0
     roi: Optional[Tuple[Tuple[float, float], ...]] = None
+    reduction: Optional[str] = None  # channel reduction order (features.REDUCTIONS); None: the default
     # ---
     feature_dim: Optional[int] = None
     coreset_ratio: float = 0.1
@@ -147,7 +148,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     import torch
 
     from .. import search
-    from .backbones import BackboneError
+    from .backbones import BackboneError, get_spec
     from .coreset import CoresetInputError, coverage_radius, coreset_size, greedy_coreset
     from .features import build_extractor
     from .heldout import leave_one_image_out_scores
@@ -158,8 +159,11 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     if output.exists() and not options.force:
         raise BundleError(f"{output}: already exists; pass --force to overwrite it or choose another output folder")
     try:
+        # The normalisation is the one the backbone's weights were trained with (backbones.BackboneSpec).
+        normalisation = get_spec(options.backbone)
         spec = InputSpec(resize=options.resize, crop=options.crop, fit=options.fit, size=options.input_size,
-                         roi=options.roi, tile=options.tile, tile_overlap=options.tile_overlap)
+                         roi=options.roi, tile=options.tile, tile_overlap=options.tile_overlap,
+                         mean=normalisation.mean, std=normalisation.std)
     except ValueError as error:
         raise ExportError(str(error)) from None
     log(f"input: {spec.describe()}")
@@ -167,7 +171,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     torch.manual_seed(options.seed)
     try:
-        extractor, info = build_extractor(options.backbone, options.weights, spec, options.feature_dim)
+        extractor, info = build_extractor(options.backbone, options.weights, spec, options.feature_dim,
+                                          reduction=options.reduction)
     except BackboneError as error:
         raise ExportError(str(error)) from None
     extractor = extractor.to(options.device).eval()
