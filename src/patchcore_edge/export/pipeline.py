@@ -44,6 +44,7 @@ class ExportOptions:
     tile_overlap: int = 0
     roi: Optional[Tuple[Tuple[float, float], ...]] = None
     reduction: Optional[str] = None  # channel reduction order (features.REDUCTIONS); None: the default
+    layers: Optional[Tuple[str, str]] = None  # the two stages; None: the backbone's measured default
     # ---
     feature_dim: Optional[int] = None
     coreset_ratio: float = 0.1
@@ -172,7 +173,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     torch.manual_seed(options.seed)
     try:
         extractor, info = build_extractor(options.backbone, options.weights, spec, options.feature_dim,
-                                          reduction=options.reduction)
+                                          reduction=options.reduction, layers=options.layers)
     except BackboneError as error:
         raise ExportError(str(error)) from None
     extractor = extractor.to(options.device).eval()

@@ -130,7 +130,8 @@ class Detector:
                         image_size=(image.shape[0], image.shape[1]))
         if maps:
             result.anomaly_map = self._honour_region(
-                stitch_maps([p.anomaly_map for p in parts], tiles, image.shape[0], image.shape[1]))
+                stitch_maps([p.anomaly_map for p in parts if p.anomaly_map is not None], tiles, image.shape[0],
+                            image.shape[1]))
         self._decide(result)
         result.timing_ms = {"preprocess": preprocess_ms,
                             **{k: sum(p.timing_ms[k] for p in parts) for k in worst.timing_ms}}
