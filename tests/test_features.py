@@ -36,7 +36,8 @@ RealModel = Tuple[PatchFeatureExtractor, ExtractorInfo]
 
 @pytest.fixture(scope="module")
 def random_mobilenet() -> PatchFeatureExtractor:
-    extractor, _ = build_extractor("mobilenet_v2", "random", SMALL)
+    # The concatenation order at the full 96 channels: no channel reduction at all (the bare aggregation).
+    extractor, _ = build_extractor("mobilenet_v2", "random", SMALL, reduction="concat")
     return extractor
 
 
@@ -92,6 +93,14 @@ def test_output_is_the_patchcore_aggregation_channels_last(random_mobilenet: Pat
     # Channels last in memory: one patch's D features are consecutive, so [B*h*w, D] is a free view.
     assert out.stride() == (8 * 8 * 96, 8 * 96, 96, 1)
     assert torch.equal(out.reshape(-1, 96)[8 + 3], out[0, 1, 3])
+    # The default order, PatchCore's reference: each stage averaged to 96 channels, then the concatenation.
+    default, info = build_extractor("mobilenet_v2", "random", SMALL)
+    assert info.reduction_order == "per-stage"
+    with torch.no_grad():
+        reduced = default(x)
+    stages = [F.adaptive_avg_pool1d(t.permute(0, 2, 3, 1).reshape(-1, 1, t.shape[1]), 96) for t in (finer, coarser)]
+    paper = F.adaptive_avg_pool1d(torch.cat(stages, dim=2), 96).reshape(2, 8, 8, 96)
+    torch.testing.assert_close(reduced, paper, rtol=1e-5, atol=1e-5)
 
 
 def test_only_the_needed_stages_are_kept(random_mobilenet: PatchFeatureExtractor) -> None:
@@ -103,7 +112,7 @@ def test_only_the_needed_stages_are_kept(random_mobilenet: PatchFeatureExtractor
 
 
 def test_reduced_dim_is_adaptive_average_over_channels(random_mobilenet: PatchFeatureExtractor) -> None:
-    reduced, info = build_extractor("mobilenet_v2", "random", SMALL, feature_dim=48)
+    reduced, info = build_extractor("mobilenet_v2", "random", SMALL, feature_dim=48, reduction="concat")
     assert info.feature_dim == 48 and info.concat_dim == 96
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -37,7 +37,7 @@ from .backbones import BackboneError, WeightsInfo, check_layers, get_spec, load_
 
 REDUCTIONS = ("per-stage", "concat")
 # Set from the measurement in benchmarks/results/layer_choice.md (both orders, bottle and ELPV together).
-DEFAULT_REDUCTION = "concat"
+DEFAULT_REDUCTION = "per-stage"
 
 
 def adaptive_average_matrix(channels: int, dim: int, expand: bool = False) -> torch.Tensor:
