@@ -76,23 +76,24 @@ class Outcome:
 
 
 BACKBONE_CONFIGS = [
-    Config("mobilenet_v2 6+10 96 crop (before)", fit="crop"),
-    Config("mobilenet_v2 6+10 96 squash"),
+    Config("mobilenet_v2 6+10 96 crop (before)", fit="crop", reduction="concat"),
+    Config("mobilenet_v2 6+10 96 squash", reduction="concat"),
     Config("mobilenet_v2 6+10 96 squash per-stage", reduction="per-stage"),
-    Config("mobilenet_v2 6+10 96 squash 256", size=(256, 256)),
+    Config("mobilenet_v2 6+10 96 squash 256", size=(256, 256), reduction="concat"),
     Config("mobilenet_v2 6+10 96 squash 256 per-stage", size=(256, 256), reduction="per-stage"),
-    Config("mobilenet_v2 6+13 96 squash", layers=("features.6", "features.13")),
+    Config("mobilenet_v2 6+13 96 squash", layers=("features.6", "features.13"), reduction="concat"),
     Config("mobilenet_v2 6+13 128 squash per-stage", layers=("features.6", "features.13"), dim=128,
            reduction="per-stage"),
-    Config("efficientnet_lite0 4+10 152 squash", backbone="efficientnet_lite0"),
-    Config("efficientnet_lite0 4+10 152 squash per-stage", backbone="efficientnet_lite0", reduction="per-stage"),
+    Config("efficientnet_lite0 4+10 152 squash", backbone="efficientnet_lite0", reduction="concat"),
+    Config("efficientnet_lite0 4+10 152 squash per-stage", backbone="efficientnet_lite0",
+           reduction="per-stage"),
     Config("efficientnet_lite0 4+7 120 squash", backbone="efficientnet_lite0", layers=("blocks.4", "blocks.7"),
-           dim=120),
-    Config("efficientnet_lite1 6+14 152 squash", backbone="efficientnet_lite1"),
-    Config("efficientnet_lite2 6+14 168 squash", backbone="efficientnet_lite2"),
+           dim=120, reduction="concat"),
+    Config("efficientnet_lite1 6+14 152 squash", backbone="efficientnet_lite1", reduction="concat"),
+    Config("efficientnet_lite2 6+14 168 squash", backbone="efficientnet_lite2", reduction="concat"),
 ]
-STRIP_FITS = [Config("crop", fit="crop"), Config("squash 224", fit="squash"),
-              Config("letterbox 224", fit="letterbox")]
+# Labels without "per-stage" use the concatenation order (the order before issue 11 item 5).
+STRIP_FITS = [Config("crop", fit="crop"), Config("squash 224", fit="squash")]
 
 
 # ------------------------------------------------------------------------------------------------- data sets
@@ -188,30 +189,32 @@ def upscaled_set(root: Path, train: int, test: int, factor: int = 3) -> Path:
 
 # ------------------------------------------------------------------------------------------------- measuring
 
-def count_mmacs(bundle: Path) -> float:
-    """Multiply-accumulates of the exported network for one image (Conv, MatMul, Gemm), from the ONNX graph."""
-    import onnx
-    from onnx import shape_inference
+def count_mmacs(config: Config) -> float:
+    """Multiply-accumulates of the exported network for one image (convolutions and matrix products), counted
+    with forward hooks on the torch extractor (random weights: the count does not depend on them)."""
+    import torch
 
-    model = shape_inference.infer_shapes(onnx.load(str(bundle / "features.onnx")))
-    shapes: Dict[str, List[int]] = {}
-    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
-        shapes[value.name] = dims
-    weights = {init.name: list(init.dims) for init in model.graph.initializer}
-    total = 0
-    for node in model.graph.node:
-        out = shapes.get(node.output[0])
-        if out is None:
-            continue
-        if node.op_type == "Conv" and node.input[1] in weights:
-            kernel = weights[node.input[1]]  # [out, in/groups, kh, kw]
-            total += int(np.prod(out)) * int(np.prod(kernel[1:]))
-        elif node.op_type in ("MatMul", "Gemm"):
-            other = weights.get(node.input[1]) or shapes.get(node.input[1])
-            if other:
-                total += int(np.prod(out)) * int(other[0])
-    return total / 1e6
+    from patchcore_edge.export.features import build_extractor
+    from patchcore_edge.preprocess import InputSpec
+
+    spec = InputSpec(fit=config.fit, size=config.size)
+    extractor, _ = build_extractor(config.backbone, "random", spec, config.dim, layers=config.layers,
+                                   reduction=config.reduction)
+    total = [0]
+
+    def conv_hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        weight = module.weight  # type: ignore[union-attr]
+        total[0] += int(output.numel()) * int(weight[0].numel())
+
+    hooks = [m.register_forward_hook(conv_hook) for m in extractor.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        grid = extractor(torch.zeros(1, 3, spec.height, spec.width))
+    for hook in hooks:
+        hook.remove()
+    reduction = extractor.aggregator.reduction
+    if reduction is not None:
+        total[0] += int(grid.numel()) * int(reduction.shape[0])
+    return total[0] / 1e6
 
 
 def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_size: Optional[int],
@@ -233,7 +236,7 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
     outcome.metrics = {k: report["metrics"][k] for k in ("image_auroc", "pixel_auroc", "aupro")}
     outcome.features_ms = float(report["timing"]["stages_ms_median"].get("features", float("nan")))
     outcome.predict_ms = float(report["timing"]["predict_ms_median"])
-    outcome.mmacs = count_mmacs(bundle)
+    outcome.mmacs = count_mmacs(config)
     outcome.bundle_mb = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file()) / 2**20
     outcome.extra = {"export_s": export_s, "inspected": report.get("inspected_fraction"), "bundle": bundle}
     shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in outcome.metrics.items())
@@ -321,13 +324,14 @@ def write_section(name: str, body: List[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=["backbones", "strips"],
-                        choices=("backbones", "strips", "tiles"))
+                        choices=("backbones", "strips", "tiles", "macs"))
     parser.add_argument("--configs", type=int, nargs="+", default=None,
                         help="indices into: " + "; ".join(f"{i}: {c.label}" for i, c in enumerate(BACKBONE_CONFIGS)))
     parser.add_argument("--train", type=int, default=60, help="training images per data set")
     parser.add_argument("--elpv-test", type=int, default=40, help="ELPV test images per class")
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--strip-ratios", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--strip-train", type=int, default=20, help="train/good images cut into 3 strips each")
     parser.add_argument("--pixel-size", type=int, default=256)
     parser.add_argument("--scratch", type=Path, default=REPO / "out" / "geometry_bench")
     args = parser.parse_args()
@@ -347,6 +351,10 @@ def main() -> None:
               f"batch 1; pixel metrics at longer side {args.pixel_size} px; ms are medians over the test images.",
               ""]
 
+    if "macs" in args.experiments:
+        for config in BACKBONE_CONFIGS:
+            print(f"{config.label}: {count_mmacs(config):.0f} MMAC", flush=True)
+
     if "backbones" in args.experiments:
         data = {"bottle": bottle_subset(scratch, args.train),
                 "elpv": elpv_subset(scratch, args.train, args.elpv_test)}
@@ -365,7 +373,7 @@ def main() -> None:
         rows = ["| strip | fit | inspected (median) | image AUROC | pixel AUROC | AUPRO | end regions | "
                 "end recall @ good p99 | middle recall | predict ms |", "|" + " --- |" * 10]
         for ratio in args.strip_ratios:
-            data_dir = strip_set(scratch, ratio, max(20, args.train // 2))
+            data_dir = strip_set(scratch, ratio, args.strip_train)
             fits = STRIP_FITS + [Config(f"squash {224 * ratio}x224", fit="squash", size=(224 * ratio, 224))]
             for config in fits:
                 outcome = run_config(config, data_dir, scratch, args.coreset, args.pixel_size, f"strip1to{ratio}")
