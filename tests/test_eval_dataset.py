@@ -360,3 +360,20 @@ def test_eval_command_plain_layout_with_progress_bar(tmp_path: Path, fake_loader
     assert "scoring" in result.stderr  # the progress bar writes to stderr, the table to stdout
     assert "| all | 2 | 2 | 0.7500 | n/a | n/a |" in result.stdout
     assert "| bad | 2 | 2 |" in result.stdout
+
+
+def test_evaluate_reports_the_inspected_fraction(tmp_path: Path) -> None:
+    from patchcore_edge.preprocess import InputSpec
+
+    data = discover_mvtec(make_category(tmp_path / "widget", size=(60, 120)))  # 1:2 images
+    cropped = FakeDetector()
+    cropped.spec = InputSpec(resize=64, crop=56)  # type: ignore[attr-defined]
+    report = evaluate(cropped, data)
+    # 60x120 -> 64x128, a 56x56 window: 3136 / 8192 of the image is seen.
+    assert report["inspected_fraction"]["median"] == pytest.approx(56 * 56 / (64 * 128))
+    assert "blind" not in report_markdown(report) and "never looked at" in report_markdown(report)
+    whole = FakeDetector()
+    whole.spec = InputSpec(fit="letterbox", crop=56)  # type: ignore[attr-defined]
+    report = evaluate(whole, data)
+    assert report["inspected_fraction"]["min"] == 1.0 and "never looked at" not in report_markdown(report)
+    assert evaluate(FakeDetector(), data)["inspected_fraction"] is None

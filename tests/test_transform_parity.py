@@ -16,12 +16,16 @@ from patchcore_edge.preprocess import InputSpec, preprocess
 # Normalised units; one grey level is ~0.017 of them, so this is far below anything the network could notice.
 TOLERANCE = 1e-4
 SPECS = [InputSpec(), InputSpec(resize=64, crop=56), InputSpec(resize=320, crop=320)]
+# Every fit, square and non-square inputs: squash shrinks one axis and enlarges the other on elongated images.
+FIT_SPECS = [InputSpec(fit="squash"), InputSpec(fit="squash", size=(96, 48)), InputSpec(fit="letterbox"),
+             InputSpec(fit="letterbox", size=(64, 128)), InputSpec(fit="crop", resize=128, size=(112, 56))]
+FIT_IDS = ["squash-224", "squash-96x48", "letterbox-224", "letterbox-64x128", "crop-112x56"]
 
 
 def _max_difference(image: np.ndarray, spec: InputSpec) -> float:
     reference = torch_preprocess(image, spec).numpy()
     runtime = preprocess(image, spec)
-    assert reference.shape == runtime.shape == (3, spec.crop, spec.crop)
+    assert reference.shape == runtime.shape == (3, spec.height, spec.width)
     assert reference.dtype == runtime.dtype == np.float32
     return float(np.abs(reference - runtime).max())
 
@@ -120,3 +124,26 @@ def test_bad_input_is_refused_with_the_reason(bad: np.ndarray) -> None:
 def test_empty_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one image"):
         torch_preprocess_batch([], InputSpec())
+
+
+@pytest.mark.parametrize("spec", FIT_SPECS, ids=FIT_IDS)
+@pytest.mark.parametrize("height, width", [(300, 300), (100, 400), (400, 100), (31, 47), (1001, 333), (48, 96)])
+def test_parity_for_every_fit(height: int, width: int, spec: InputSpec, rng: np.random.Generator) -> None:
+    noise = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    assert _max_difference(noise, spec) < TOLERANCE
+
+
+@pytest.mark.parametrize("spec", FIT_SPECS, ids=FIT_IDS)
+def test_parity_for_every_fit_on_elpv_strips(elpv_images: Path, spec: InputSpec) -> None:
+    for path in _pick(elpv_images, 1):
+        image = read_rgb(path)
+        for strip in (image[:, :150], image[:75, :]):  # 1:2 and 4:1 strips of a real cell image
+            assert _max_difference(np.ascontiguousarray(strip), spec) < TOLERANCE, path
+
+
+def test_letterbox_padding_is_zero_after_normalisation() -> None:
+    spec = InputSpec(fit="letterbox", size=(64, 64))
+    image = np.full((20, 80, 3), 255, np.uint8)  # scaled to 64x16, 24 rows of padding above and below
+    for out in (torch_preprocess(image, spec).numpy(), preprocess(image, spec)):
+        assert np.all(out[:, :24] == 0.0) and np.all(out[:, 40:] == 0.0)
+        assert np.all(out[:, 24:40] > 2.0)

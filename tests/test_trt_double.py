@@ -736,7 +736,8 @@ def _manifest(crop: int = 8, grid: int = 2, dim: int = 4, output_name: str = "fe
 
 def _io(crop: int = 8, grid: int = 2, dim: int = 4, output_name: str = "features") -> pe_trt.TensorIO:
     """What TensorRTFeatures checks an engine against: the tensors of `_manifest(...)`."""
-    return pe_trt.TensorIO(input_name="image", output_name=output_name, crop=crop, grid=(grid, grid), dim=dim)
+    return pe_trt.TensorIO(input_name="image", output_name=output_name, width=crop, height=crop, grid=(grid, grid),
+                           dim=dim)
 
 
 def test_engine_from_another_gpu_is_refused_with_rebuild_hint(fake: types.ModuleType, tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ Numpy and OpenCV only.
 
 from __future__ import annotations
 
+from typing import Tuple, Union
+
 import cv2
 import numpy as np
 
@@ -17,8 +19,9 @@ def gaussian_kernel_size(sigma: float) -> int:
     return 2 * int(4.0 * sigma + 0.5) + 1
 
 
-def anomaly_map(patch_distances: np.ndarray, crop: int, sigma: float = DEFAULT_SIGMA) -> np.ndarray:
-    """Patch distances [h, w] -> float32 [crop, crop] pixel anomaly map.
+def anomaly_map(patch_distances: np.ndarray, crop: Union[int, Tuple[int, int]],
+                sigma: float = DEFAULT_SIGMA) -> np.ndarray:
+    """Patch distances [h, w] -> float32 [crop, crop] pixel anomaly map ([height, width] for crop=(width, height)).
 
     As amazon-science/patchcore-inspection (RescaleSegmentor): bilinear upsampling with half-pixel centres
     (OpenCV INTER_LINEAR == torch interpolate(mode="bilinear", align_corners=False)), then a Gaussian blur
@@ -29,12 +32,13 @@ def anomaly_map(patch_distances: np.ndarray, crop: int, sigma: float = DEFAULT_S
     grid = np.asarray(patch_distances)
     if grid.ndim != 2 or grid.shape[0] < 1 or grid.shape[1] < 1:
         raise ValueError(f"patch distances must be a 2-D grid [h, w], got shape {grid.shape}")
-    if int(crop) < 1:
+    width, height = (int(crop), int(crop)) if isinstance(crop, (int, np.integer)) else (int(crop[0]), int(crop[1]))
+    if min(width, height) < 1:
         raise ValueError(f"crop must be >= 1, got {crop}")
     grid = np.ascontiguousarray(grid, dtype=np.float32)
     if not np.isfinite(grid).all():
         raise ValueError("patch distances contain NaN or infinite values")
-    upsampled = cv2.resize(grid, (int(crop), int(crop)), interpolation=cv2.INTER_LINEAR)
+    upsampled = cv2.resize(grid, (width, height), interpolation=cv2.INTER_LINEAR)
     if sigma <= 0:
         return upsampled
     size = gaussian_kernel_size(float(sigma))

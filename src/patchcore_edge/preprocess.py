@@ -1,12 +1,22 @@
-"""The input transform in OpenCV/numpy: resize the shorter side, centre crop, normalise.
+"""The input transform in OpenCV/numpy: fit the image into the network input, normalise; map results back.
 
 The exporter's torch reference of the same transform is `patchcore_edge.export.transform`; a test keeps the two
 equal. Resizing is done in float32 so that no rounding to uint8 separates the two.
 
-Resize rule (both implementations): the shorter side goes to `resize` pixels, the longer side to
-`round(long * resize / short)`. Shrinking uses an area (box) filter, each output pixel the overlap-weighted mean
-of the input pixels under it (OpenCV INTER_AREA); enlarging uses bilinear interpolation with half-pixel centres
-(OpenCV INTER_LINEAR, torch `interpolate(..., align_corners=False)`).
+Fit modes (`InputSpec.fit`), the network input being `width x height`:
+- `crop` (the MVTec protocol): the shorter side goes to `resize` pixels, the longer side to
+  `round(long * resize / short)`, then the centre `width x height` window is kept. The border is never seen.
+- `squash`: the whole image resized to `width x height`, aspect ratio ignored.
+- `letterbox`: the whole image scaled by `min(width / w, height / h)` (aspect kept), centred, the rest padded
+  with the mean colour (0 after normalisation). Padding is marked invalid: it never scores (`patch_validity`).
+
+Each axis is resampled on its own: shrinking uses an area (box) filter, each output pixel the overlap-weighted
+mean of the input pixels under it (OpenCV INTER_AREA); enlarging uses bilinear interpolation with half-pixel
+centres (OpenCV INTER_LINEAR, torch `interpolate(..., align_corners=False)`). Squash can shrink one axis and
+enlarge the other; it then runs one pass per axis.
+
+`Geometry` places the network input in the resized image: input pixel (y, x) is resized pixel (y + top, x + left)
+(top/left negative for letterbox padding), which is all `map_to_image` and `patch_validity` need.
 """
 
 from __future__ import annotations
@@ -16,46 +26,135 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FITS = ("crop", "squash", "letterbox")
+FIT_HELP = {"crop": "shorter side to --resize, centre window kept (MVTec protocol; the border is never seen)",
+            "squash": "the whole image resized to the input size, aspect ratio ignored",
+            "letterbox": "the whole image, aspect kept, padded; the padding never scores"}
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """How an RGB image becomes the network input."""
+    """How an RGB image becomes the network input: fit mode, input size, normalisation.
+
+    `crop` is the side of a square input; `size=(width, height)` sets any input size (`crop` then holds the
+    shorter side). `resize` (the
+    shorter side before the centre crop) matters for `fit="crop"` only. `roi`, optional, is a polygon in
+    original-image coordinates normalised to [0, 1] ((x, y) pairs): patches outside it never score and the map
+    is zero there.
+    """
 
     resize: int = 256
     crop: int = 224
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+    fit: str = "crop"
+    size: Optional[Tuple[int, int]] = None
+    roi: Optional[Tuple[Tuple[float, float], ...]] = None
+    tile: Optional[int] = None
+    tile_overlap: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.resize, int) and isinstance(self.crop, int)):
             raise ValueError("resize and crop must be integers")
-        if not 16 <= self.crop <= self.resize <= 4096:
-            raise ValueError(f"need 16 <= crop <= resize <= 4096, got crop={self.crop}, resize={self.resize}")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {', '.join(FITS)}, got {self.fit!r}")
+        if self.size is not None:
+            if len(self.size) != 2 or not all(isinstance(v, int) for v in self.size):
+                raise ValueError(f"size must be two integers (width, height), got {self.size!r}")
+            width, height = int(self.size[0]), int(self.size[1])
+            # One spelling per input: a square size is `crop`; a non-square one records its shorter side there.
+            object.__setattr__(self, "size", None if width == height else (width, height))
+            object.__setattr__(self, "crop", min(width, height))
+        if not (16 <= min(self.width, self.height) and max(self.width, self.height) <= 4096):
+            raise ValueError(f"input sides must be between 16 and 4096, got {self.width}x{self.height}")
+        if self.fit == "crop" and not max(self.width, self.height) <= self.resize <= 4096:
+            raise ValueError(f"need 16 <= crop <= resize <= 4096, got input {self.width}x{self.height}, "
+                             f"resize={self.resize}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std positive")
+        if self.roi is not None:
+            points = tuple((float(x), float(y)) for x, y in self.roi)
+            if len(points) < 3 or not all(0.0 <= v <= 1.0 and math.isfinite(v) for p in points for v in p):
+                raise ValueError("roi needs at least 3 (x, y) points inside [0, 1]")
+            object.__setattr__(self, "roi", points)
+        if self.tile is not None:
+            tile_boxes(self.tile, self.tile, self.tile, self.tile_overlap)  # validates tile and overlap
+        elif self.tile_overlap:
+            raise ValueError("tile_overlap needs a tile size")
+
+    @property
+    def width(self) -> int:
+        return self.crop if self.size is None else self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.crop if self.size is None else self.size[1]
 
     def to_manifest(self) -> Dict[str, Any]:
-        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
-                "channel_order": "RGB", "layout": "NCHW", "resize_rule": "shorter-side; area down, bilinear up"}
+        entry: Dict[str, Any] = {
+            "fit": self.fit, "size": [self.width, self.height], "resize": self.resize, "mean": list(self.mean),
+            "std": list(self.std), "channel_order": "RGB", "layout": "NCHW",
+            "resize_rule": "per axis: area down, bilinear up", "fit_rule": FIT_HELP[self.fit],
+            "roi": None if self.roi is None else [list(p) for p in self.roi],
+            "tile": None if self.tile is None else {"size": self.tile, "overlap": self.tile_overlap}}
+        if self.width == self.height:
+            entry["crop"] = self.width  # readers of format 1 manifests
+        return entry
 
     @classmethod
-    def from_manifest(cls, entry: Dict[str, Any]) -> "InputSpec":
-        return cls(resize=int(entry["resize"]), crop=int(entry["crop"]),
+    def from_manifest(cls, entry: Mapping[str, Any]) -> "InputSpec":
+        width, height = input_size(entry)
+        roi = entry.get("roi")
+        tile = entry.get("tile")
+        return cls(resize=int(entry.get("resize", max(width, height))), crop=min(width, height),
+                   size=None if width == height else (width, height), fit=str(entry.get("fit", "crop")),
                    mean=tuple(float(v) for v in entry["mean"]),  # type: ignore[arg-type]
-                   std=tuple(float(v) for v in entry["std"]))  # type: ignore[arg-type]
+                   std=tuple(float(v) for v in entry["std"]),  # type: ignore[arg-type]
+                   roi=None if roi is None else tuple((float(x), float(y)) for x, y in roi),
+                   tile=None if tile is None else int(tile["size"]),
+                   tile_overlap=0 if tile is None else int(tile["overlap"]))
+
+    def describe(self) -> str:
+        """One line for `export` and `run`: what the network sees and why."""
+        text = f"fit {self.fit} to {self.width}x{self.height}: {FIT_HELP[self.fit]}"
+        if self.fit == "crop":
+            text += f" (resize {self.resize})"
+        if self.tile is not None:
+            text += f"; each {self.tile}x{self.tile} tile (overlap {self.tile_overlap} px) of the image"
+        return text + ("; region of interest set" if self.roi is not None else "")
+
+    def pieces(self, image: np.ndarray) -> Tuple[List["Tile"], List[np.ndarray]]:
+        """The image itself, or its tiles when tiling: what goes through the network one by one."""
+        height, width = image.shape[:2]
+        if self.tile is None:
+            return [Tile(0, 0, height, width)], [image]
+        tiles = tile_boxes(height, width, self.tile, self.tile_overlap)
+        return tiles, cut_tiles(image, tiles)
+
+
+def input_size(entry: Mapping[str, Any]) -> Tuple[int, int]:
+    """(width, height) of the network input from a manifest's input section (format 1 had only `crop`)."""
+    if "size" in entry:
+        width, height = (int(v) for v in entry["size"])
+        return width, height
+    crop = int(entry["crop"])
+    return crop, crop
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where the network input sits in the original image: resized size and crop offset."""
+    """Where the network input sits in the original image.
+
+    The image (height x width) is resized to resized_height x resized_width; input pixel (y, x) is resized pixel
+    (y + top, x + left). Crop: top/left >= 0. Letterbox: top/left <= 0 (padding). Squash: both 0.
+    """
 
     height: int
     width: int
@@ -63,19 +162,36 @@ class Geometry:
     resized_width: int
     top: int
     left: int
-    crop: int
+    input_height: int
+    input_width: int
+
+    @property
+    def inspected_fraction(self) -> float:
+        """The fraction of the original image the network sees (1.0 unless cropped)."""
+        rows = min(self.resized_height, self.top + self.input_height) - max(0, self.top)
+        cols = min(self.resized_width, self.left + self.input_width) - max(0, self.left)
+        return rows * cols / float(self.resized_height * self.resized_width)
 
 
 def geometry(height: int, width: int, spec: InputSpec) -> Geometry:
     if height < 1 or width < 1:
         raise ValueError(f"empty image ({height}x{width})")
+    in_h, in_w = spec.height, spec.width
+    if spec.fit == "squash":
+        return Geometry(height, width, in_h, in_w, 0, 0, in_h, in_w)
+    if spec.fit == "letterbox":
+        scale = min(in_w / width, in_h / height)
+        resized_h = max(1, min(in_h, int(round(height * scale))))
+        resized_w = max(1, min(in_w, int(round(width * scale))))
+        return Geometry(height, width, resized_h, resized_w, -((in_h - resized_h) // 2),
+                        -((in_w - resized_w) // 2), in_h, in_w)
     short = min(height, width)
     resized_h = spec.resize if height == short else int(round(height * spec.resize / short))
     resized_w = spec.resize if width == short else int(round(width * spec.resize / short))
     # Same rounding as torchvision's CenterCrop, so both implementations crop the same pixels.
-    top = int(round((resized_h - spec.crop) / 2.0))
-    left = int(round((resized_w - spec.crop) / 2.0))
-    return Geometry(height, width, resized_h, resized_w, top, left, spec.crop)
+    top = int(round((resized_h - in_h) / 2.0))
+    left = int(round((resized_w - in_w) / 2.0))
+    return Geometry(height, width, resized_h, resized_w, top, left, in_h, in_w)
 
 
 def _area_extent(size: int, resized: int, end: int) -> int:
@@ -142,7 +258,7 @@ _SPLIT_PIXELS = 1 << 18
 
 def _shrink_crop(image: np.ndarray, geo: Geometry, parallel: bool) -> Optional[np.ndarray]:
     """Area-resize only the cells that the crop keeps, as bit-identical bands (two threads if `parallel`)."""
-    bottom, right = geo.top + geo.crop, geo.left + geo.crop
+    bottom, right = geo.top + geo.input_height, geo.left + geo.input_width
     # Cells above/left of the crop can be skipped only from an aligned cell on: a band starting mid-pixel would
     # need fractional cell boundaries, which OpenCV cannot express. Below/right of the crop nothing is needed.
     first_row = _aligned_cell(geo.height, geo.resized_height, geo.top)
@@ -163,25 +279,48 @@ def _shrink_crop(image: np.ndarray, geo: Geometry, parallel: bool) -> Optional[n
     return np.concatenate([top_part[geo.top - first_row:], lower])[:, geo.left - cols[0]:]
 
 
-def resize_crop(image_rgb: np.ndarray, spec: InputSpec, parallel: bool = False) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> float32 (crop, crop, 3) in [0, 255], resized and centre-cropped.
+def _resize_axes(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float32 (H, W, 3) -> (height, width, 3); area filter on a shrinking axis, bilinear on an enlarging one."""
+    src_h, src_w = image.shape[:2]
+    shrink = height < src_h or width < src_w
+    enlarge = height > src_h or width > src_w
+    if not (shrink or enlarge):
+        return image
+    if shrink and enlarge:  # squash only: one pass per axis, each with its own filter
+        if height < src_h:
+            image = cv2.resize(image, (src_w, height), interpolation=cv2.INTER_AREA)
+            return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(image, (width, src_h), interpolation=cv2.INTER_AREA)
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
-    When shrinking, only the area cells the crop keeps are computed, from the source pixels under them (12 % less
-    work for 900x900 -> 256 -> 224), with values identical to resizing the whole image and cropping.
+
+def resize_crop(image_rgb: np.ndarray, spec: InputSpec, parallel: bool = False) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> float32 (height, width, 3) in [0, 255]: the image fitted into the network input.
+
+    Crop mode, when shrinking: only the area cells the crop keeps are computed, from the source pixels under them
+    (12 % less work for 900x900 -> 256 -> 224), with values identical to resizing the whole image and cropping.
     `parallel=True` splits that work over two threads (for latency when the cores are otherwise idle).
+    Letterbox padding holds the mean colour, so it is 0 after normalisation.
     """
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {image_rgb.shape}")
     geo = geometry(image_rgb.shape[0], image_rgb.shape[1], spec)
-    shrinking = min(geo.resized_height / geo.height, geo.resized_width / geo.width) < 1.0
-    if shrinking:
-        cropped = _shrink_crop(image_rgb, geo, parallel)
-        if cropped is not None:
-            return cropped
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    resized = cv2.resize(image_rgb.astype(np.float32), (geo.resized_width, geo.resized_height),
-                         interpolation=interpolation)
-    return resized[geo.top:geo.top + spec.crop, geo.left:geo.left + spec.crop]
+    if spec.fit == "crop":
+        shrinking = min(geo.resized_height / geo.height, geo.resized_width / geo.width) < 1.0
+        if shrinking:
+            cropped = _shrink_crop(image_rgb, geo, parallel)
+            if cropped is not None:
+                return cropped
+    resized = _resize_axes(image_rgb.astype(np.float32), geo.resized_height, geo.resized_width)
+    if spec.fit == "crop":
+        return resized[geo.top:geo.top + geo.input_height, geo.left:geo.left + geo.input_width]
+    if spec.fit == "squash":
+        return resized
+    canvas = np.empty((geo.input_height, geo.input_width, 3), np.float32)
+    canvas[...] = np.asarray(spec.mean, dtype=np.float32) * 255.0
+    canvas[-geo.top:-geo.top + geo.resized_height, -geo.left:-geo.left + geo.resized_width] = resized
+    return canvas
 
 
 def preprocess(image_rgb: np.ndarray, spec: InputSpec, parallel: bool = False) -> np.ndarray:
@@ -200,16 +339,104 @@ def preprocess(image_rgb: np.ndarray, spec: InputSpec, parallel: bool = False) -
     return planar
 
 
-def map_to_image(crop_map: np.ndarray, geo: Geometry) -> np.ndarray:
-    """A (crop, crop) map over the network input -> an (H, W) map over the original image.
+def map_to_image(input_map: np.ndarray, geo: Geometry) -> np.ndarray:
+    """A (input_height, input_width) map over the network input -> an (H, W) map over the original image.
 
-    The border outside the centre crop was never seen by the network; it takes the value of the nearest crop pixel
-    (edge replication) rather than zero, which would pass it off as confidently normal.
+    Crop: the border outside the centre crop was never seen by the network; it takes the value of the nearest
+    crop pixel (edge replication) rather than zero, which would pass it off as confidently normal.
+    Letterbox: the padding is cut away. `region_mask` zeroes what lies outside a region of interest.
     """
-    bottom = geo.resized_height - geo.top - geo.crop
-    right = geo.resized_width - geo.left - geo.crop
-    canvas = cv2.copyMakeBorder(np.asarray(crop_map, dtype=np.float32), geo.top, bottom, geo.left, right,
-                                cv2.BORDER_REPLICATE)
+    values = np.asarray(input_map, dtype=np.float32)
+    if values.shape != (geo.input_height, geo.input_width):
+        raise ValueError(f"map shape {values.shape} is not the input's ({geo.input_height}, {geo.input_width})")
+    # Cut where the input extends beyond the resized image (padding), replicate where it falls short (crop).
+    values = values[max(0, -geo.top):geo.resized_height - geo.top, max(0, -geo.left):geo.resized_width - geo.left]
+    top, left = max(0, geo.top), max(0, geo.left)
+    bottom = geo.resized_height - top - values.shape[0]
+    right = geo.resized_width - left - values.shape[1]
+    canvas = values if top == bottom == left == right == 0 else cv2.copyMakeBorder(
+        np.ascontiguousarray(values), top, bottom, left, right, cv2.BORDER_REPLICATE)
     if (geo.resized_height, geo.resized_width) == (geo.height, geo.width):
-        return canvas
+        return np.ascontiguousarray(canvas)
     return cv2.resize(canvas, (geo.width, geo.height), interpolation=cv2.INTER_LINEAR)
+
+
+def region_mask(height: int, width: int, spec: InputSpec) -> Optional[np.ndarray]:
+    """bool (H, W): True inside the region of interest, None when the spec has none (everything counts)."""
+    if spec.roi is None:
+        return None
+    points = np.asarray(spec.roi, dtype=np.float64) * np.array([width, height], dtype=np.float64)
+    mask = np.zeros((height, width), np.uint8)
+    # Pixel centres are at integer coordinates in OpenCV's rasteriser: shift by half a pixel.
+    cv2.fillPoly(mask, [np.round((points - 0.5) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    return mask.astype(bool)
+
+
+def patch_validity(geo: Geometry, grid: Tuple[int, int], roi: Optional[np.ndarray] = None
+                   ) -> Optional[np.ndarray]:
+    """bool [h * w]: the patches whose centre falls on the image (not letterbox padding) and inside `roi` (bool
+    (H, W) over the image of `geo`, see `region_mask`). None when every patch counts (no padding, no ROI)."""
+    padded = geo.top < 0 or geo.left < 0
+    if not padded and roi is None:
+        return None
+    h, w = grid
+    # Patch centres in input pixels (half-pixel centres, as the bilinear map upsampling assumes).
+    ys = (np.arange(h) + 0.5) * geo.input_height / h - 0.5
+    xs = (np.arange(w) + 0.5) * geo.input_width / w - 0.5
+    ry, rx = ys + geo.top, xs + geo.left  # in resized-image pixels
+    inside_y = (ry >= -0.5) & (ry <= geo.resized_height - 0.5)
+    inside_x = (rx >= -0.5) & (rx <= geo.resized_width - 0.5)
+    valid = inside_y[:, None] & inside_x[None, :]
+    if roi is not None:
+        oy = np.clip(np.floor((ry + 0.5) * geo.height / geo.resized_height), 0, geo.height - 1).astype(np.int64)
+        ox = np.clip(np.floor((rx + 0.5) * geo.width / geo.resized_width), 0, geo.width - 1).astype(np.int64)
+        valid &= roi[oy[:, None], ox[None, :]]
+    return valid.ravel()
+
+
+def inspected_fraction(height: int, width: int, spec: InputSpec) -> float:
+    """The fraction of an image of this size that the network sees: 1.0 for squash, letterbox and tiles."""
+    return 1.0 if spec.tile is not None else geometry(height, width, spec).inspected_fraction
+
+
+# ---------------------------------------------------------------------------------------------------- tiling
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a large image: rows [top, top + height), columns [left, left + width)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def _starts(length: int, tile: int, overlap: int) -> List[int]:
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    count = math.ceil((length - tile) / step) + 1
+    # Spread the tiles evenly so that the last one ends on the border instead of sticking out.
+    return [int(round(i * (length - tile) / (count - 1))) for i in range(count)]
+
+
+def tile_boxes(height: int, width: int, tile: int, overlap: int) -> List[Tile]:
+    """Overlapping tiles of side `tile` (or the image side where smaller) covering the whole image."""
+    if tile < 16 or not 0 <= overlap < tile:
+        raise ValueError(f"need tile >= 16 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    return [Tile(top, left, min(tile, height), min(tile, width))
+            for top in _starts(height, tile, overlap) for left in _starts(width, tile, overlap)]
+
+
+def cut_tiles(image: np.ndarray, tiles: Sequence[Tile]) -> List[np.ndarray]:
+    return [image[t.top:t.top + t.height, t.left:t.left + t.width] for t in tiles]
+
+
+def stitch_maps(maps: Sequence[np.ndarray], tiles: Sequence[Tile], height: int, width: int) -> np.ndarray:
+    """Tile maps -> one (H, W) map; where tiles overlap the higher value wins (a defect seen by one tile
+    stays visible, and a tile's damped border never hides its neighbour's view)."""
+    out = np.zeros((height, width), np.float32)
+    for values, t in zip(maps, tiles):
+        view = out[t.top:t.top + t.height, t.left:t.left + t.width]
+        np.maximum(view, values, out=view)
+    return out

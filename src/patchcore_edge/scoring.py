@@ -14,7 +14,7 @@ Runs on the device: numpy only. The pixel map from patch distances is `patchcore
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -69,9 +69,12 @@ def image_score(patch_features: np.ndarray, search: PatchSearch, reweight_neighb
 
 
 def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neighbours: np.ndarray,
-                 rerank: int = DEFAULT_RERANK) -> List[PatchScores]:
+                 rerank: int = DEFAULT_RERANK, valid: Optional[np.ndarray] = None) -> List[PatchScores]:
     """Exact PatchCore scores of a batch [B, P, D]: one hnswlib query for all B*P patches, then re-rank
-    rounds that search the patches of all unfinished images in one exact call each."""
+    rounds that search the patches of all unfinished images in one exact call each.
+
+    `valid` (bool [B, P], optional): patches that may score; the others (letterbox padding, outside the region
+    of interest) get distance 0: never the maximum, zero in the map; an image without one scores 0."""
     features = np.asarray(patch_features)
     if features.ndim != 3 or features.shape[1] < 1 or features.shape[2] != search.dim:
         raise ValueError(f"patch features must have shape [B, P, {search.dim}], got {features.shape}")
@@ -87,6 +90,10 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
 
     approx, approx_idx = search.nearest(flat)
     approx = approx.reshape(batch, patches)
+    keep = np.ones((batch, patches), bool) if valid is None else np.asarray(valid, dtype=bool)
+    if keep.shape != (batch, patches):
+        raise ValueError(f"valid must be bool [{batch}, {patches}], got shape {keep.shape}")
+    approx = np.where(keep, approx, np.float32(0.0))
     distances = approx.copy()
     nearest = approx_idx.reshape(batch, patches).copy()
     order = np.argsort(-approx, axis=1, kind="stable")
@@ -104,7 +111,7 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
         # keeps "exact <= approximate" even where rounding in the BLAS expansion picked a near-tie. Equal
         # distances take the exact search's row, as a full exact search would.
         better = exact <= approx[which, cols]
-        distances[which, cols] = np.where(better, exact, approx[which, cols])
+        distances[which, cols] = np.where(keep[which, cols], np.where(better, exact, approx[which, cols]), 0.0)
         nearest[which, cols] = np.where(better, exact_idx, nearest[which, cols])
         done[images] = target[images]
         for i in images:

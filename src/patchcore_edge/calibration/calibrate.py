@@ -258,8 +258,10 @@ def default_min_defect_area(bundle: Bundle, short_side: int) -> int:
     The map comes from a grid with one cell per `stride` crop pixels, upsampled and blurred: a region smaller
     than a quarter cell is the tip of a blob barely crossing the threshold, not a structure the model resolved.
     """
+    spec = bundle.input_spec
     stride = float(bundle.features.stride)
-    resize = float(bundle.input_spec.resize)
+    # The shorter side's scale: `resize` for a crop, the input's shorter side when the whole image is fitted.
+    resize = float(spec.resize) if spec.fit == "crop" else float(min(spec.width, spec.height))
     cell = stride * short_side / resize
     return max(1, round((cell / 2.0) ** 2))
 

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+import json
+from typing import Dict, Optional, Tuple
 
 import click
 
+from ..preprocess import FITS
 from ..progress import StageBars
 
-BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
+BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1",
+                    "efficientnet_lite2")
+
+
+def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
+    """The polygon of a region-of-interest file; a one-line error naming the file otherwise."""
+    try:
+        points = json.loads(path.read_text(encoding="utf-8"))["polygon"]
+        polygon = tuple((float(x), float(y)) for x, y in points)
+    except OSError as error:
+        raise click.ClickException(f"{path}: cannot read the region of interest ({error.strerror or error})")
+    except (ValueError, KeyError, TypeError):
+        raise click.ClickException(f'{path}: expected JSON {{"polygon": [[x, y], ...]}} with x, y in [0, 1]') from None
+    return polygon
 
 
 @click.command("export")
@@ -19,8 +34,21 @@ BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
 @click.option("--weights", default=None, metavar="FILE|random",
               help="ImageNet weights (torchvision state_dict .pth). Default: the offline package for mobilenet_v2, "
                    "else torchvision's cache. 'random' asks for untrained weights (for tests only).")
-@click.option("--resize", default=256, show_default=True, help="Shorter image side before the centre crop.")
+@click.option("--fit", type=click.Choice(FITS), default="squash", show_default=True,
+              help="How the image fills the network input: squash (whole image, aspect ignored), letterbox "
+                   "(whole image, aspect kept, padding never scores), crop (centre crop, MVTec protocol: the "
+                   "border is never inspected).")
+@click.option("--input-size", type=(int, int), default=None, metavar="W H",
+              help="Network input width and height (default: --crop x --crop); e.g. 448 224 for 2:1 parts.")
+@click.option("--resize", default=256, show_default=True, help="--fit crop: shorter image side before the crop.")
 @click.option("--crop", default=224, show_default=True, help="Side of the square network input.")
+@click.option("--tile", type=int, default=None, metavar="SIZE",
+              help="Cut each image into SIZE x SIZE tiles (native resolution) scored one by one: for large frames.")
+@click.option("--tile-overlap", type=int, default=0, show_default=True, metavar="PIXELS",
+              help="Overlap between neighbouring tiles.")
+@click.option("--roi", "roi_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Region of interest: a JSON file {\"polygon\": [[x, y], ...]} with x, y in [0, 1] of the image "
+                   "width/height. Outside it nothing scores and masks stay empty.")
 @click.option("--feature-dim", type=int, default=None, help="Patch feature channels (default: the backbone's).")
 @click.option("--coreset-ratio", default=0.1, show_default=True, help="Fraction of patches kept in the bank.")
 @click.option("--coreset-size", type=int, default=None, help="Absolute bank size (overrides --coreset-ratio).")
@@ -33,7 +61,9 @@ BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
               help="Build a TensorRT engine when TensorRT and a GPU are present.")
 @click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Optional[str], resize: int, crop: int,
+def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Optional[str], fit: str,
+                   input_size: Optional[Tuple[int, int]], resize: int, crop: int, tile: Optional[int],
+                   tile_overlap: int, roi_file: Optional[Path],
                    feature_dim: Optional[int], coreset_ratio: float, coreset_size: Optional[int], projection_dim: int,
                    device: str, seed: int, batch_size: int, ef: Optional[int], engine: bool, force: bool,
                    quiet: bool) -> None:
@@ -46,6 +76,8 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
     from ..export.pipeline import ExportError, ExportOptions, export_bundle
 
     options = ExportOptions(nominal_dir=nominal_dir, output=output, backbone=backbone, weights=weights,
+                            fit=fit, input_size=input_size, tile=tile, tile_overlap=tile_overlap,
+                            roi=None if roi_file is None else read_roi(roi_file),
                             resize=resize, crop=crop, feature_dim=feature_dim, coreset_ratio=coreset_ratio,
                             coreset_size=coreset_size, projection_dim=projection_dim, device=device, seed=seed,
                             batch_size=batch_size, ef=ef, engine=engine, force=force)

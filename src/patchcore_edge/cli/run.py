@@ -292,6 +292,10 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
                  else getattr(detector, "map_scale", None))
         writer = MapWriter(outdir, scale, heatmaps=True, overlays=overlays, workers=writer_threads)
     log.info("reading %s; backend %s", describe(plan), run_info["backend"])
+    spec = getattr(detector, "spec", None)
+    if spec is not None:  # issue 18: say what the network inspects
+        run_info["input"] = spec.describe()
+        log.info("input: %s", run_info["input"])
 
     try:
         sink = JsonLinesWriter(target=jsonl) if jsonl is not None else JsonLinesWriter(stream=sys.stdout)

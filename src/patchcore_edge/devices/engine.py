@@ -38,9 +38,9 @@ def _quiet(line: str) -> None:
 
 def bundle_io(bundle: Bundle) -> trt.TensorIO:
     """The tensors an engine must have to serve this bundle (its network's first output: the patch features)."""
-    features = bundle.features
-    return trt.TensorIO(input_name=features.input_name, output_name=features.output_name,
-                        crop=bundle.input_spec.crop, grid=features.grid, dim=features.dim)
+    features, spec = bundle.features, bundle.input_spec
+    return trt.TensorIO(input_name=features.input_name, output_name=features.output_name, width=spec.width,
+                        height=spec.height, grid=features.grid, dim=features.dim)
 
 
 def exact_score_function(bundle: Bundle) -> ScoreFunction:

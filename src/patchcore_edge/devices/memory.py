@@ -125,7 +125,7 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
         chosen_backend = "onnxruntime"
     images = int(batch or defaults.get("max_batch") or 1)
     features = bundle.features
-    crop = bundle.input_spec.crop
+    spec = bundle.input_spec
     assumptions: List[str] = []
 
     onnx_name = features.onnx_file
@@ -145,7 +145,7 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
         model = int(onnx_bytes * ORT_MODEL_FACTOR)
         runtime_overhead = PYTHON_RUNTIME_BYTES + ORT_SESSION_BYTES
 
-    input_bytes = images * 3 * crop * crop * 4
+    input_bytes = images * 3 * spec.height * spec.width * 4
     output_bytes = images * features.grid[0] * features.grid[1] * features.dim * 4
     peak: Optional[int] = None
     if measure_activations:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import __version__
 from ..imageio import ImageReadError, read_rgb
+from ..preprocess import inspected_fraction
 from .dataset import GOOD, EvalDataset, Sample, load_mask
 from .metrics import DEFAULT_FPR_LIMIT, Metric, PixelEntry, auroc, best_f1, pixel_entry, pixel_metrics
 
@@ -83,6 +84,8 @@ def evaluate(detector: Any, dataset: EvalDataset, pixel_size: Optional[int] = No
     read_ms: List[float] = []
     predict_ms: List[float] = []
     stages: Dict[str, List[float]] = {}
+    spec = getattr(detector, "spec", None)
+    inspected: List[float] = []  # per image, the fraction the bundle's geometry lets the network see
     start = time.perf_counter()
 
     for first in range(0, len(samples), batch_size):
@@ -112,6 +115,8 @@ def evaluate(detector: Any, dataset: EvalDataset, pixel_size: Optional[int] = No
             for stage, ms in (getattr(result, "timing_ms", None) or {}).items():
                 stages.setdefault(stage, []).append(float(ms))
             scored.append((sample, float(result.score)))
+            if spec is not None:
+                inspected.append(inspected_fraction(image.shape[0], image.shape[1], spec))
             amap = getattr(result, "anomaly_map", None)
             usable_for_pixels = sample.label == 0 or mask is not None
             if amap is None:
@@ -163,6 +168,9 @@ def evaluate(detector: Any, dataset: EvalDataset, pixel_size: Optional[int] = No
             "aupro_connectivity": 8,
         },
         "metrics": overall,
+        "inspected_fraction": None if not inspected else {
+            "min": float(min(inspected)), "median": float(statistics.median(inspected)),
+            "max": float(max(inspected)), "fit": getattr(spec, "fit", None)},
         "per_defect": per_defect,
         "images": [{"file": dataset.name(sample), "defect": sample.defect, "label": sample.label,
                     "score": score, "pixel_metrics": i in entries}
@@ -195,6 +203,14 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _inspected_line(entry: Optional[Dict[str, Any]]) -> str:
+    if not entry:
+        return "- inspected fraction of each image: unknown"
+    blind = "" if entry["min"] >= 1.0 else " (the rest is never looked at: a defect there cannot be found)"
+    return (f"- inspected fraction of each image: median {entry['median']:.3f}, min {entry['min']:.3f} "
+            f"(fit {entry['fit']}){blind}")
+
+
 def report_markdown(report: Dict[str, Any]) -> str:
     """The report's metrics as a Markdown table: all images, then each defect type against the good images."""
     data = report["dataset"]
@@ -211,6 +227,7 @@ def report_markdown(report: Dict[str, Any]) -> str:
         (f"- pixel metrics at {report['pixel_evaluation']['resolution']} "
          f"(exact; AUPRO up to FPR {limit:g}, 8-connected regions)"),
         f"- images scored: {report['timing']['images']} (found: {counts}){skipped}",
+        _inspected_line(report.get("inspected_fraction")),
         "",
         (f"| subset | good | anomalous | image AUROC | pixel AUROC | AUPRO@{limit:g} | best F1 "
          "| F1 threshold |"),

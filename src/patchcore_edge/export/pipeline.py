@@ -42,6 +42,15 @@ class ExportOptions:
     weights: Optional[str] = None
     resize: int = 256
     crop: int = 224
+    # --- input geometry (issue 18): see preprocess.InputSpec
+    fit: str = "squash"
+    input_size: Optional[Tuple[int, int]] = None  # (width, height); None: crop x crop
+    tile: Optional[int] = None
+    tile_overlap: int = 0
+    roi: Optional[Tuple[Tuple[float, float], ...]] = None
+    reduction: Optional[str] = None  # channel reduction order (features.REDUCTIONS); None: the default
+    layers: Optional[Tuple[str, str]] = None  # the two stages; None: the backbone's measured default
+    # ---
     feature_dim: Optional[int] = None
     coreset_ratio: float = 0.1
     coreset_size: Optional[int] = None
@@ -132,14 +141,15 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
         except OSError as error:
             errors.append(ImageReadError(path, f"cannot read file ({error.strerror or error})"))
         else:
-            tensor = torch_preprocess(image, spec)
-            if len(samples) < 8:
-                samples.append(tensor.numpy().copy())
-            batch.append(tensor)
+            for piece in spec.pieces(image)[1]:  # the image, or each of its tiles
+                tensor = torch_preprocess(piece, spec)
+                if len(samples) < 8:
+                    samples.append(tensor.numpy().copy())
+                batch.append(tensor)
+                if len(batch) == batch_size:
+                    flush()
             used.append(path)
             hashes.append(hashlib.sha256(data).hexdigest())
-            if len(batch) == batch_size:
-                flush()
         progress("features", position, len(paths))
     flush()
     outputs = {name: np.ascontiguousarray(np.concatenate(parts), dtype=np.float32) if parts
@@ -153,7 +163,7 @@ def _settings(options: ExportOptions) -> MethodSettings:
         coreset_ratio=options.coreset_ratio, coreset_size=options.coreset_size,
         projection_dim=options.projection_dim, device=options.device, seed=options.seed, hnsw_m=options.hnsw_m,
         ef_construction=options.ef_construction, ef=options.ef, reweight_neighbours=options.reweight_neighbours,
-        rerank=options.rerank)
+        rerank=options.rerank, reduction=options.reduction, layers=options.layers)
 
 
 def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log,
@@ -164,6 +174,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     """
     import torch
 
+    from .backbones import get_spec
     from .methods import get_exporter
     from .methods.patchcore import MethodExportError
     from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
@@ -173,10 +184,15 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     if output.exists() and not options.force:
         raise BundleError(f"{output}: already exists; pass --force to overwrite it or choose another output folder")
     try:
-        spec = InputSpec(resize=options.resize, crop=options.crop)
         method = get_exporter(options.method)
+        # The normalisation is the one the backbone's weights were trained with (backbones.BackboneSpec).
+        normalisation = get_spec(options.backbone)
+        spec = InputSpec(resize=options.resize, crop=options.crop, fit=options.fit, size=options.input_size,
+                         roi=options.roi, tile=options.tile, tile_overlap=options.tile_overlap,
+                         mean=normalisation.mean, std=normalisation.std)
     except ValueError as error:
         raise ExportError(str(error)) from None
+    log(f"input: {spec.describe()}")
     settings = _settings(options)
     paths, skipped = scan_nominal(Path(options.nominal_dir) if images is None else images)
 
@@ -187,7 +203,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
         for path in paths:
             try:
-                training_images.append(torch_preprocess(decode_rgb(path.read_bytes(), path), spec).numpy())
+                image = decode_rgb(path.read_bytes(), path)
+                training_images.extend(torch_preprocess(piece, spec).numpy() for piece in spec.pieces(image)[1])
             except (ImageReadError, OSError):
                 pass  # listed as skipped by the feature pass below
     try:

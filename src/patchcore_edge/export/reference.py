@@ -6,7 +6,7 @@ Used by the parity tests (runtime vs torch) and by benchmarks; never by the runt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,24 +56,29 @@ def smooth(crop_map: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_scores(extractor: torch.nn.Module, images_rgb: Sequence[np.ndarray], spec: InputSpec,
-                     bank: np.ndarray, neighbours: np.ndarray, sigma: float) -> List[ReferenceScore]:
-    """PatchCore scores with exact nearest neighbours, in float64 for the distances (the reference is exact)."""
+                     bank: np.ndarray, neighbours: np.ndarray, sigma: float,
+                     valid: Optional[Sequence[Optional[np.ndarray]]] = None) -> List[ReferenceScore]:
+    """PatchCore scores with exact nearest neighbours, in float64 for the distances (the reference is exact).
+
+    `valid`: per image, None or bool [h * w] of the patches that may score (the others count as distance 0)."""
     bank64 = torch.from_numpy(np.asarray(bank, dtype=np.float64))
     neighbours_t = torch.from_numpy(np.asarray(neighbours, dtype=np.int64))
     batch = torch.stack([torch_preprocess(image, spec) for image in images_rgb])
     grid = extractor.eval()(batch).double()  # [B, h, w, D]
     results = []
-    for features in grid:
+    for position, features in enumerate(grid):
         h, w, d = features.shape
         patches = features.reshape(-1, d)
         distances = torch.cdist(patches, bank64)  # [P, M]
         nearest, nearest_index = distances.min(dim=1)
+        if valid is not None and valid[position] is not None:
+            nearest = torch.where(torch.from_numpy(np.asarray(valid[position], bool)), nearest, 0.0)
         worst = int(torch.argmax(nearest))
         max_distance = nearest[worst]
         support = bank64[neighbours_t[nearest_index[worst]]]  # b nearest bank vectors of m*, m* first
         support_distances = torch.linalg.norm(patches[worst] - support, dim=1)
         weight = 1.0 - torch.softmax(support_distances, dim=0)[0]
-        upsampled = F.interpolate(nearest.reshape(1, 1, h, w), size=(spec.crop, spec.crop), mode="bilinear",
+        upsampled = F.interpolate(nearest.reshape(1, 1, h, w), size=(spec.height, spec.width), mode="bilinear",
                                   align_corners=False)[0, 0]
         results.append(ReferenceScore(
             score=float(weight * max_distance), max_distance=float(max_distance),

@@ -50,8 +50,12 @@ class Scorer(abc.ABC):
         """Read and check the method's arrays and params from the bundle (BundleError naming the problem)."""
 
     @abc.abstractmethod
-    def score(self, outputs: Mapping[str, np.ndarray]) -> List[MethodScore]:
-        """Score a batch: `outputs` are the network's outputs by name, batch first."""
+    def score(self, outputs: Mapping[str, np.ndarray], valid: Optional[np.ndarray] = None) -> List[MethodScore]:
+        """Score a batch: `outputs` are the network's outputs by name, batch first.
+
+        `valid` (bool [B, h*w], optional): grid positions that may score; the others (letterbox padding, outside
+        the region of interest) never give the image score and are 0 in the patch map.
+        """
 
     @classmethod
     def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:

@@ -80,12 +80,13 @@ class PatchCoreScorer(Scorer):
         return {"bank": count * dim * 4 + count * 4, "index": index_resident_bytes(count, dim, m, search_threads),
                 "neighbours": count * b * 4}
 
-    def patch_scores(self, grid: np.ndarray) -> List[PatchScores]:
-        """The full PatchCore record of a batch of feature grids [B, h, w, D]."""
+    def patch_scores(self, grid: np.ndarray, valid: Optional[np.ndarray] = None) -> List[PatchScores]:
+        """The full PatchCore record of a batch of feature grids [B, h, w, D] (`valid`: see Scorer.score)."""
         n = grid.shape[0]
-        return image_scores(grid.reshape(n, -1, grid.shape[-1]), self.search, self.neighbours, self.rerank)
+        return image_scores(grid.reshape(n, -1, grid.shape[-1]), self.search, self.neighbours, self.rerank,
+                            valid=valid)
 
-    def score(self, outputs: Mapping[str, np.ndarray]) -> List[MethodScore]:
+    def score(self, outputs: Mapping[str, np.ndarray], valid: Optional[np.ndarray] = None) -> List[MethodScore]:
         grid = outputs[self.output_name]
         if grid.ndim != 4 or grid.shape[1:3] != self.grid or grid.shape[3] != self.search.dim:
             raise BundleError(f"the feature network returned {grid.shape}, the bundle says "
@@ -93,7 +94,7 @@ class PatchCoreScorer(Scorer):
         return [MethodScore(score=float(p.score), patch_map=p.patch_distances.reshape(self.grid),
                             details={"max_patch_distance": float(p.max_distance), "weight": float(p.weight),
                                      "reranked": float(p.reranked)})
-                for p in self.patch_scores(grid)]
+                for p in self.patch_scores(grid, valid)]
 
     def settings(self) -> Dict[str, object]:
         return {"ef": self.search.ef, "exact_search": self.search.is_exact}

@@ -29,7 +29,8 @@ from ..decision import Calibration, load_for_bundle
 from ..imageio import ImageReadError, read_rgb
 from ..maps import anomaly_map
 from ..methods import Scorer, ScorerOptions, UnknownMethod, scorer_class
-from ..preprocess import Geometry, geometry, map_to_image, preprocess
+from ..preprocess import (Geometry, Tile, geometry, map_to_image, patch_validity, preprocess, region_mask,
+                          stitch_maps)
 from .backends import FeatureBackend, open_backend
 from .outputs import MapScale, MapWriter, map_scale_for
 
@@ -140,8 +141,11 @@ class Detector:
         return self.predict_batch([image], maps=maps)[0]
 
     def predict_batch(self, images: Sequence[ImageLike], maps: bool = True) -> List[Result]:
-        """Score images (paths or RGB arrays) in one batch through the network and the method."""
+        """Score images (paths or RGB arrays) in one batch through the network and the method (a tiled bundle:
+        each image is a batch of its tiles)."""
         loaded = [_as_image(item) for item in images]
+        if self.spec.tile is not None:
+            return [self._predict_tiled(image, source, maps) for image, source in loaded]
         start = time.perf_counter()
         # Two threads for the resize: nothing else runs meanwhile here (`stream` overlaps it with inference
         # instead, so its producer keeps to one).
@@ -155,13 +159,43 @@ class Detector:
             result.image = image
         return results
 
-    def _infer(self, batch: np.ndarray, geometries: Sequence[Geometry], maps: bool) -> List[Result]:
+    # --- tiling (issue 18): every tile scored as an image; image score the maximum, maps stitched (maximum)
+    def _predict_tiled(self, image: np.ndarray, source: Optional[str], maps: bool) -> Result:
+        tiles, pieces = self.spec.pieces(image)
+        start = time.perf_counter()
+        batch = np.stack([preprocess(piece, self.spec) for piece in pieces])
+        geometries = [geometry(p.shape[0], p.shape[1], self.spec) for p in pieces]
+        preprocess_ms = (time.perf_counter() - start) * 1000
+        parts = self._infer(batch, geometries, maps, whole=(image.shape[0], image.shape[1]), tiles=tiles)
+        worst = max(parts, key=lambda part: part.score)
+        result = Result(score=worst.score, max_patch_distance=worst.max_patch_distance,
+                        image_size=(image.shape[0], image.shape[1]), details=dict(worst.details),
+                        source=source, image=image, map_scale=self.map_scale)
+        if maps:
+            result.anomaly_map = self._honour_region(
+                stitch_maps([p.anomaly_map for p in parts if p.anomaly_map is not None], tiles, image.shape[0],
+                            image.shape[1]))
+        self._decide(result)
+        result.timing_ms = {"preprocess": preprocess_ms,
+                            **{k: sum(p.timing_ms[k] for p in parts) for k in worst.timing_ms}}
+        return result
+
+    def _honour_region(self, image_map: np.ndarray) -> np.ndarray:
+        mask = region_mask(image_map.shape[0], image_map.shape[1], self.spec)
+        return image_map if mask is None else np.where(mask, image_map, np.float32(0.0))
+    # ---
+
+    def _infer(self, batch: np.ndarray, geometries: Sequence[Geometry], maps: bool,
+               whole: Optional[Tuple[int, int]] = None, tiles: Optional[Sequence[Tile]] = None) -> List[Result]:
+        """Score a prepared batch. With `tiles`, the batch holds the tiles of one `whole` (H, W) image: the
+        region of interest is then placed in whole-image coordinates and decisions are left to the caller."""
         n = batch.shape[0]
         start = time.perf_counter()
         outputs = self.backend.run(batch)
         features_ms = (time.perf_counter() - start) * 1000 / n
         start = time.perf_counter()
-        scored = self.scorer.score(outputs)
+        valid = self._validity(geometries, whole, tiles)
+        scored = self.scorer.score(outputs, valid=valid)
         search_ms = (time.perf_counter() - start) * 1000 / n
         results = []
         for method_score, geo in zip(scored, geometries):
@@ -171,20 +205,43 @@ class Detector:
                             image_size=(geo.height, geo.width), details=dict(method_score.details),
                             map_scale=self.map_scale)
             if maps:
-                crop_map = anomaly_map(method_score.patch_map, self.spec.crop, self.sigma)
-                result.anomaly_map = map_to_image(crop_map, geo)
+                size = (self.spec.width, self.spec.height)
+                input_map = anomaly_map(method_score.patch_map, size, self.sigma)
+                result.anomaly_map = map_to_image(input_map, geo)
+                if tiles is None:
+                    result.anomaly_map = self._honour_region(result.anomaly_map)
             map_ms = (time.perf_counter() - start) * 1000
-            if self.calibration is not None:
-                result.normalised_score = float(self.calibration.normalise(result.score))
-                result.is_anomalous = bool(self.calibration.decide(result.score))
-                if result.anomaly_map is not None:
-                    # A part judged good gets an empty mask: a map region above the pixel threshold on a part
-                    # below the image threshold would contradict the decision the line acts on.
-                    result.mask = (self.calibration.mask(result.anomaly_map) if result.is_anomalous
-                                   else np.zeros(result.anomaly_map.shape, dtype=bool))
             result.timing_ms = {"features": features_ms, "search_score": search_ms, "map": map_ms}
+            if tiles is None:
+                self._decide(result)
             results.append(result)
         return results
+
+    def _validity(self, geometries: Sequence[Geometry], whole: Optional[Tuple[int, int]],
+                  tiles: Optional[Sequence[Tile]]) -> Optional[np.ndarray]:
+        """bool [B, P] patches that may score (letterbox padding and outside the ROI never do), or None."""
+        if tiles is None:
+            rois = [region_mask(geo.height, geo.width, self.spec) for geo in geometries]
+        else:  # the ROI is drawn on the whole image: each tile tests its patch centres against its part of it
+            assert whole is not None
+            full = region_mask(whole[0], whole[1], self.spec)
+            rois = [None if full is None else full[t.top:t.top + t.height, t.left:t.left + t.width] for t in tiles]
+        grid = self.bundle.features.grid
+        masks = [patch_validity(geo, grid, roi) for geo, roi in zip(geometries, rois)]
+        if all(m is None for m in masks):
+            return None
+        size = grid[0] * grid[1]
+        return np.stack([np.ones(size, bool) if m is None else m for m in masks])
+
+    def _decide(self, result: Result) -> None:
+        if self.calibration is not None:
+            result.normalised_score = float(self.calibration.normalise(result.score))
+            result.is_anomalous = bool(self.calibration.decide(result.score))
+            if result.anomaly_map is not None:
+                # A part judged good gets an empty mask: a map region above the pixel threshold on a part
+                # below the image threshold would contradict the decision the line acts on.
+                result.mask = (self.calibration.mask(result.anomaly_map) if result.is_anomalous
+                               else np.zeros(result.anomaly_map.shape, dtype=bool))
 
     def stream(self, items: Iterable[StreamItem], batch_size: int = 1, maps: bool = True,
                queue_size: int = 4) -> Iterator[Tuple[Hashable, Union[Result, ImageReadError]]]:
@@ -194,6 +251,10 @@ class Detector:
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.spec.tile is not None:  # each image is a batch of tiles already
+            for key, item in items:
+                yield key, item if isinstance(item, ImageReadError) else self.predict(item, maps)
+            return
         prepared: "queue.Queue[Any]" = queue.Queue(maxsize=queue_size)
         done = object()
         stop = threading.Event()

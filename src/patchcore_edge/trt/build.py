@@ -108,7 +108,7 @@ def _network_input(network: "trt.INetworkDefinition", input_name: str, onnx_path
     shape = dims(network.get_input(0).shape)
     if len(shape) != 4 or shape[1] != 3 or shape[2] <= 0 or shape[3] <= 0:
         raise EngineBuildError(f"{onnx_path}: input {input_name!r} has shape {list(shape)}, expected "
-                               "[batch, 3, crop, crop]")
+                               "[batch, 3, H, W]")
     return shape
 
 
@@ -157,7 +157,7 @@ def build_engine(onnx_path: "Path | str", precision: str = "fp16", max_batch: in
                  compute_capability: Optional[Tuple[int, int]] = None) -> BuildResult:
     """Build a serialised engine from the bundle's `features.onnx`.
 
-    `calibration_batches`: preprocessed nominal images (float32 [3, crop, crop] or [1, 3, crop, crop]) for INT8;
+    `calibration_batches`: preprocessed nominal images (float32 [3, H, W] or [1, 3, H, W]) for INT8;
     `int8_cache`: a previous calibration cache, used instead of the images when given. `timing_cache`: bytes of
     an earlier build's timing cache (speeds up rebuilds). Returns the engine, the updated timing cache and, for
     INT8, the calibration cache. Raises EngineBuildError with a reason a user can act on -- also for an error

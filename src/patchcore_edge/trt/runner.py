@@ -1,4 +1,4 @@
-"""Load a serialised engine and run it: float32 [B, 3, crop, crop] -> float32 [B, h, w, D].
+"""Load a serialised engine and run it: float32 [B, 3, H, W] -> float32 [B, h, w, D].
 
 Name-based I/O (`num_io_tensors`, `get_tensor_name`, `get_tensor_mode`, `set_input_shape`, `set_tensor_address`,
 `execute_async_v3`), present from TensorRT 8.5; the binding-index API removed in 10 is not used.
@@ -28,13 +28,14 @@ class TensorIO:
 
     input_name: str
     output_name: str
-    crop: int
+    width: int
+    height: int
     grid: Tuple[int, int]
     dim: int
 
     @property
     def input_tail(self) -> Tuple[int, int, int]:
-        return (3, self.crop, self.crop)
+        return (3, self.height, self.width)
 
     @property
     def output_tail(self) -> Tuple[int, int, int]:

@@ -46,7 +46,7 @@ def feature_errors(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, fl
 
 
 def onnx_io(onnx_path: "Path | str") -> TensorIO:
-    """The tensors (names, crop, features grid and dim) of a features.onnx, read with ONNX Runtime."""
+    """The tensors (names, input size, features grid and dim) of a features.onnx, read with ONNX Runtime."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -55,10 +55,10 @@ def onnx_io(onnx_path: "Path | str") -> TensorIO:
         raise EngineBuildError(f"{onnx_path}: expected one input and one output")
     in_shape, out_shape = inputs[0].shape, outputs[0].shape
     if len(in_shape) != 4 or len(out_shape) != 4 or not all(isinstance(v, int) for v in out_shape[1:]):
-        raise EngineBuildError(f"{onnx_path}: shapes {in_shape} -> {out_shape} are not [B,3,crop,crop] -> "
+        raise EngineBuildError(f"{onnx_path}: shapes {in_shape} -> {out_shape} are not [B,3,H,W] -> "
                                "[B,h,w,D] with a fixed h, w, D")
-    return TensorIO(input_name=inputs[0].name, output_name=outputs[0].name, crop=int(in_shape[2]),
-                    grid=(int(out_shape[1]), int(out_shape[2])), dim=int(out_shape[3]))
+    return TensorIO(input_name=inputs[0].name, output_name=outputs[0].name, width=int(in_shape[3]),
+                    height=int(in_shape[2]), grid=(int(out_shape[1]), int(out_shape[2])), dim=int(out_shape[3]))
 
 
 def onnx_features(onnx_path: "Path | str", io: TensorIO, batch: np.ndarray) -> np.ndarray:

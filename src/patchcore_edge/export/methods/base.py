@@ -69,6 +69,8 @@ class MethodSettings:
     ef: Optional[int] = None
     reweight_neighbours: int = 9
     rerank: int = 8
+    reduction: Optional[str] = None  # channel reduction order (features.REDUCTIONS); None: the default
+    layers: Optional[Tuple[str, str]] = None  # the two stages; None: the backbone's measured default
 
 
 class MethodExporter(abc.ABC):

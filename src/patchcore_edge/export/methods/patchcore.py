@@ -32,7 +32,8 @@ class PatchCoreExporter(MethodExporter):
     def network(self, settings: MethodSettings, spec: InputSpec,
                 training_images: Sequence[np.ndarray]) -> Tuple[torch.nn.Module, NetworkInfo]:
         try:
-            extractor, info = build_extractor(settings.backbone, settings.weights, spec, settings.feature_dim)
+            extractor, info = build_extractor(settings.backbone, settings.weights, spec, settings.feature_dim,
+                                              reduction=settings.reduction, layers=settings.layers)
         except BackboneError as error:
             raise MethodExportError(str(error)) from None
         self._grid = info.grid
