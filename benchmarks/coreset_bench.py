@@ -80,6 +80,58 @@ def bottle_features(cache: Path) -> Tuple[np.ndarray, str]:
     return features, source
 
 
+def extractor_features(paths: List[Path], path: Path, dim_note: str) -> np.ndarray:
+    """[len(paths)*784, 96] float32 patch features from the default extractor (mobilenet_v2 features.6 +
+    features.10, 96 dims), computed once and cached as .npy under /tmp."""
+    if path.exists():
+        return np.load(path, allow_pickle=False, mmap_mode="r")
+    import torch
+
+    torch.set_num_threads(1)
+    from patchcore_edge.export.features import build_extractor
+    from patchcore_edge.imageio import read_rgb
+    from patchcore_edge.preprocess import InputSpec, preprocess
+
+    spec = InputSpec()
+    extractor, _ = build_extractor("mobilenet_v2", None, spec)
+    out: Optional[np.ndarray] = None
+    row = 0
+    with torch.no_grad():
+        for i in range(0, len(paths), 16):
+            batch = np.stack([preprocess(read_rgb(p), spec) for p in paths[i:i + 16]])
+            grid = extractor(torch.from_numpy(batch)).reshape(-1, 96).numpy()
+            if out is None:
+                per_image = grid.shape[0] // len(batch)
+                out = np.empty((per_image * len(paths), grid.shape[1]), dtype=np.float32)
+            out[row:row + grid.shape[0]] = grid
+            row += grid.shape[0]
+    assert out is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.npy")
+    np.save(tmp, out, allow_pickle=False)
+    os.replace(tmp, path)
+    path.with_suffix(".txt").write_text(f"default mobilenet_v2 extractor (96 dims); {len(paths)} images; {dim_note}\n")
+    return out
+
+
+def elpv_paths(count: int) -> List[Path]:
+    """The first `count` ELPV cell images (PyPI elpv-dataset) in name order."""
+    import elpv_dataset
+
+    folder = Path(elpv_dataset.__file__).parent / "data" / "images"
+    return sorted(folder.glob("*.png"))[:count]
+
+
+def scale_features(cache: Path, kind: str) -> np.ndarray:
+    """Real 96-d patch sets: 'elpv' = 766 ELPV cells (600,544 patches), 'bottle' = bottle train/good (163,856)."""
+    if kind == "elpv":
+        return extractor_features(elpv_paths(766), cache / "elpv766_mobilenet_v2_96.npy", "ELPV cells")
+    from patchcore_edge.imageio import list_images
+
+    paths, _ = list_images(DATA)
+    return extractor_features(paths, cache / "bottle_train_mobilenet_v2_96.npy", "bottle train/good")
+
+
 def _own_extractor() -> Any:
     """Fallback while export.features does not exist: features.6 (stride 8) + features.13 (stride 16),
     3x3 mean, upsampled to 28x28, concatenated to 128 channels, channels last."""
