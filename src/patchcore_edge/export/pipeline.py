@@ -53,6 +53,10 @@ class ExportOptions:
     parity_images: int = 4
     engine: bool = True
     force: bool = False
+    # Coreset at scale (export/coreset_select.py): method, a device profile capping the bank, a Dask scheduler.
+    coreset_method: str = "auto"
+    device_profile: Optional[str] = None
+    dask: Optional[str] = None
 
 
 @dataclass
@@ -68,6 +72,7 @@ class ExportSummary:
     onnx_max_abs_diff: float
     engine_note: str
     seconds: Dict[str, float] = field(default_factory=dict)
+    coreset_note: str = ""
 
 
 def _quiet_progress(stage: str, done: int, total: int) -> None:
@@ -140,7 +145,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     from .. import search
     from .backbones import BackboneError
-    from .coreset import CoresetInputError, coverage_radius, coreset_size, greedy_coreset
+    from .coreset import CoresetInputError
     from .features import build_extractor
     from .heldout import leave_one_image_out_scores
     from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
@@ -173,26 +178,24 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         raise ExportError(f"{options.nominal_dir}: found {len(used)} usable image(s) (skipped {len(skipped)}); "
                           f"an export needs at least {MIN_IMAGES} images of good parts")
 
-    start = time.perf_counter()
     try:
-        ratio = None if options.coreset_size is not None else options.coreset_ratio
-        size = coreset_size(features.shape[0], ratio=ratio, size=options.coreset_size)
-        selected = greedy_coreset(features, size, projection_dim=options.projection_dim, seed=options.seed,
-                                  device=options.device,
-                                  progress=lambda done, total: progress("coreset", done, total))
+        selection, size_note = _select_coreset(options, features, info, extractor,
+                                               lambda done, total: progress("coreset", done, total))
     except CoresetInputError as error:
         raise ExportError(f"coreset: {error}") from None
-    seconds["coreset"] = time.perf_counter() - start
+    seconds["coreset"] = selection.seconds
+    selected = selection.indices
+    radius = selection.radius
     bank = np.ascontiguousarray(features[selected], dtype=np.float32)
-    # The exact radius costs a pass of N x size distances: worth it for a summary line up to a few hundred
-    # thousand patches, not beyond.
-    radius = coverage_radius(features, selected) if features.shape[0] * size <= 4e9 else None
 
     start = time.perf_counter()
+    progress("index", 0, 3)
     b = min(options.reweight_neighbours, bank.shape[0])
     neighbours = search.bank_neighbours(bank, b)
     patches_per_image = info.grid[0] * info.grid[1]
+    progress("index", 1, 3)
     held_out = leave_one_image_out_scores(features, patches_per_image, selected, bank, neighbours)
+    progress("index", 2, 3)
     del features
     index_params = {
         "M": options.hnsw_m or search.DEFAULT_M,
@@ -201,6 +204,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     }
     index = search.build_index(bank, m=index_params["M"], ef_construction=index_params["ef_construction"],
                                seed=options.seed)
+    progress("index", 3, 3)
     seconds["index"] = time.perf_counter() - start
 
     staged: Dict[str, Any] = {}  # what the staging step measured, for the summary
@@ -212,6 +216,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         (staging / "training_images.json").write_text(json.dumps({"sha256": hashes}, indent=0) + "\n")
 
         start_onnx = time.perf_counter()
+        progress("onnx", 0, 1)
         onnx_path = staging / "features.onnx"
         try:
             export_onnx(extractor.cpu(), onnx_path, spec)
@@ -221,6 +226,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         except OnnxModelError as error:
             raise ExportError(str(error)) from None
         seconds["onnx"] = time.perf_counter() - start_onnx
+        progress("onnx", 1, 1)
         staged["parity"] = parity
 
         engines: List[Dict[str, Any]] = []
@@ -244,11 +250,11 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 **info.extra_manifest(),
             },
             "coreset": {
-                "method": "greedy k-center", "size": int(bank.shape[0]), "patches": int(len(used) * info.grid[0]
+                "size": int(bank.shape[0]), "patches": int(len(used) * info.grid[0]
                                                                                       * info.grid[1]),
                 "ratio": float(bank.shape[0] / max(1, len(used) * info.grid[0] * info.grid[1])),
                 "projection_dim": int(options.projection_dim), "seed": int(options.seed),
-                "coverage_radius": radius,
+                **selection.to_manifest(), "size_limit": size_note or None,
             },
             "index": {"library": "hnswlib", "space": "l2", **index_params, "seed": int(options.seed)},
             "score": {"method": "patchcore", "distance": "euclidean", "reweight_neighbours": int(b),
@@ -265,7 +271,48 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         bundle=bundle_path, images=len(used), skipped=skipped, patches=len(used) * info.grid[0] * info.grid[1],
         coreset_size=int(bank.shape[0]), feature_dim=int(info.feature_dim), bank_mb=bank.nbytes / 2**20,
         coverage_radius=radius, onnx_max_abs_diff=float(staged["parity"].max_abs),
+        coreset_note=f"{selection.method}, radius {selection.radius_text()}" + (f"; {size_note}" if size_note
+                                                                              else ""),
         engine_note=staged["engine_note"], seconds=seconds)
+
+
+def _select_coreset(options: ExportOptions, features: np.ndarray, info: Any, extractor: Any,
+                    progress: Callable[[int, int], None]) -> Tuple[Any, str]:
+    """The coreset by options.coreset_method, capped by --device-profile, on Dask when --dask is given."""
+    import contextlib
+
+    from .. import search
+    from .coreset import coreset_size
+    from .coreset_cells import run_in_process
+    from .coreset_select import bank_size_limit, capped_size, select_coreset
+    from .distributed import DaskUnavailable, dask_client, dask_runner
+
+    ratio = None if options.coreset_size is not None else options.coreset_ratio
+    size = coreset_size(features.shape[0], ratio=ratio, size=options.coreset_size)
+    note = ""
+    if options.device_profile:
+        onnx_bytes = 4 * sum(int(p.numel()) for p in extractor.parameters())
+        limit, reason = bank_size_limit(options.device_profile, int(info.feature_dim), tuple(info.grid),
+                                        int(options.crop), onnx_bytes, options.hnsw_m or search.DEFAULT_M,
+                                        options.reweight_neighbours)
+        if limit < size:
+            note = f"capped from {size:,} to {limit:,} by the {reason}"
+        size = capped_size(size, limit)
+    method = options.coreset_method
+    if options.dask and method == "auto":
+        method = "partitioned"  # the selection that runs on a cluster
+    client_context: Any = contextlib.nullcontext(None)
+    if options.dask and method == "partitioned":
+        client_context = dask_client(options.dask)
+    try:
+        with client_context as client:
+            result = select_coreset(features, size, method=method, projection_dim=options.projection_dim,
+                                    seed=options.seed, device=options.device,
+                                    runner=run_in_process if client is None else dask_runner(client),
+                                    progress=progress)
+    except DaskUnavailable as error:
+        raise ExportError(str(error)) from None
+    return result, note
 
 
 def _maybe_build_engine(options: ExportOptions, onnx_path: Path, info: Any, staging: Path,
