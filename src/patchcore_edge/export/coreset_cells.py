@@ -152,8 +152,8 @@ def partitioned_greedy(points: np.ndarray, size: int, seed: int = 0, cells: Opti
                        progress: Optional[Progress] = None) -> CellSelection:
     """`size` centres of float32 `points` [N, d] by the partitioned greedy (module docstring); seeded.
 
-    `cells`: number of k-means cells (default: default_cell_count); 1 runs the exact greedy on one cell,
-    seeded as the cell's start. `runner` runs the cell tasks (run_in_process, or a Dask runner); the result
+    `cells`: number of k-means cells (default: default_cell_count); 1 runs the plain greedy on all points
+    from cell_start(N, seed, 0). `runner` runs the cell tasks (run_in_process, or a Dask runner); the result
     does not depend on it. `progress(done, total)` counts centres of finished cell runs.
     """
     n = points.shape[0]
