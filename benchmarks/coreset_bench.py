@@ -11,7 +11,11 @@ What it measures (results: benchmarks/results/coreset.md):
      agreement with the emulation used in 2); with --anomalib-images K: that loop, complete, on K images;
   5. with --big N: N patches (bottle features tiled, plus small seeded noise so no two coincide), to show
      memory bounded by the N x D features plus O(N);
-  6. with --worst: isotropic Gaussian noise (no structure, where the triangle inequality prunes little).
+  6. with --worst: isotropic Gaussian noise (no structure, where the triangle inequality prunes little);
+  7. `scale` (issue 14): exact vs partitioned greedy (export/coreset_cells.py) on the default extractor's 96-d
+     features of bottle and of 766 ELPV cells (600,544 patches), and with --dask-big N the partitioned greedy
+     on a 2-worker Dask LocalCluster against one process, e.g.
+     `python benchmarks/coreset_bench.py scale --sets bottle,elpv --cells auto,10,40 --runs 3 --radius`.
 
 Run from the repository root:
     python benchmarks/coreset_bench.py --runs 3 --plain --anomalib-steps 300 --anomalib-images 20 \
