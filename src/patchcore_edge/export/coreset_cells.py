@@ -1,4 +1,4 @@
-"""Partitioned greedy k-center: the exact greedy run inside the cells of a coarse partition, merged by radius.
+"""Partitioned greedy k-center: the greedy rule run inside the cells of a coarse partition, merged by radius.
 
 Why: the exact greedy costs about N x size distance evaluations (less with pruning, but pruning stops paying
 on textures such as tiles: 1,425 s for 600k patches at 10 %). Split the points into C compact cells (a
