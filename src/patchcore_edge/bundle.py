@@ -450,6 +450,24 @@ class Bundle:
     # ------------------------------------------------------------------------------------------ loading
 
     @classmethod
+    def draft(cls, dim: int, grid: Sequence[int], crop: int, onnx_bytes: int,
+              arrays: Mapping[str, Tuple[str, Sequence[int]]], params: Mapping[str, Any],
+              method: str = "patchcore") -> "Bundle":
+        """A bundle that exists only as numbers, for estimates before an export (size caps): no files."""
+        from .preprocess import InputSpec
+
+        manifest = {
+            "input": InputSpec(resize=crop, crop=crop).to_manifest(), "score": {"gaussian_sigma": 0.0},
+            "features": {"dim": int(dim), "grid": [int(grid[0]), int(grid[1])], "stride": 1,
+                         "onnx_file": "features.onnx", "input_name": "image", "outputs": ["features"]},
+            "method": {"name": method, "params": dict(params), "files": {},
+                       "arrays": {key: {"file": f"{key}.npy", "dtype": dtype, "shape": [int(n) for n in shape]}
+                                  for key, (dtype, shape) in arrays.items()}},
+            "files": {"features.onnx": {"sha256": "0" * 64, "bytes": int(onnx_bytes)}}, "engines": [],
+        }
+        return cls(Path("<draft>"), manifest)
+
+    @classmethod
     def load(cls, path: Union[str, os.PathLike], verify: bool = True, verify_calibration: bool = True) -> "Bundle":
         """Read and validate a bundle; with verify, every listed file's size and sha256 are checked too.
 
@@ -553,7 +571,11 @@ class Bundle:
     def coverage_radius(self) -> Optional[float]:
         """Largest distance of a training patch to the bank, when the method kept a coreset and measured it."""
         coreset = self.method.params.get("coreset")
-        value = coreset.get("coverage_radius") if isinstance(coreset, Mapping) else None
+        value = None
+        if isinstance(coreset, Mapping):
+            # Above a few hundred thousand patches only the selection's upper bound is recorded.
+            value = coreset.get("coverage_radius")
+            value = coreset.get("coverage_radius_bound") if value is None else value
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     @property

@@ -25,6 +25,12 @@ BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
 @click.option("--coreset-ratio", default=0.1, show_default=True, help="Fraction of patches kept in the bank.")
 @click.option("--coreset-size", type=int, default=None, help="Absolute bank size (overrides --coreset-ratio).")
 @click.option("--projection-dim", default=128, show_default=True, help="Random projection dim for the coreset.")
+@click.option("--coreset-method", type=click.Choice(("auto", "exact", "partitioned")), default="auto",
+              show_default=True, help="exact greedy, or greedy in k-means cells (fast at any size); auto picks.")
+@click.option("--device-profile", default=None, metavar="NAME",
+              help="Cap the bank so the bundle fits this board's memory budget (see `devices list`).")
+@click.option("--dask", "dask_address", default=None, metavar="SCHEDULER|local",
+              help="Run the coreset's cells on a Dask cluster (needs the [dask] extra); local = 2 processes.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
@@ -35,7 +41,7 @@ BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Optional[str], resize: int, crop: int,
                    feature_dim: Optional[int], coreset_ratio: float, coreset_size: Optional[int], projection_dim: int,
-                   device: str, seed: int, batch_size: int, ef: Optional[int], engine: bool, force: bool,
+                   coreset_method: str, device_profile: Optional[str], dask_address: Optional[str], device: str, seed: int, batch_size: int, ef: Optional[int], engine: bool, force: bool,
                    quiet: bool) -> None:
     """Build a PatchCore bundle from a folder of defect-free images."""
     try:
@@ -48,7 +54,8 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
     options = ExportOptions(nominal_dir=nominal_dir, output=output, backbone=backbone, weights=weights,
                             resize=resize, crop=crop, feature_dim=feature_dim, coreset_ratio=coreset_ratio,
                             coreset_size=coreset_size, projection_dim=projection_dim, device=device, seed=seed,
-                            batch_size=batch_size, ef=ef, engine=engine, force=force)
+                            batch_size=batch_size, ef=ef, engine=engine, force=force,
+                            coreset_method=coreset_method, device_profile=device_profile, dask=dask_address)
     bars = StageBars(label=lambda stage: f"{stage:<8}", quiet=quiet)
     try:
         summary = export_bundle(options, progress=bars, log=lambda message: click.echo(message, err=True))
@@ -62,6 +69,7 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
         "patches": f"{summary.patches:,} x {summary.feature_dim} dims",
         "coreset": f"{summary.coreset_size:,} vectors ({summary.bank_mb:.1f} MB)",
         "coverage radius": "n/a" if summary.coverage_radius is None else f"{summary.coverage_radius:.4f}",
+        "selection": summary.coreset_note,
         "onnx parity": f"max |onnx - torch| = {summary.onnx_max_abs_diff:.2e}",
         "engine": summary.engine_note,
         "time": ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()),

@@ -58,6 +58,10 @@ class ExportOptions:
     parity_images: int = 4
     engine: bool = True
     force: bool = False
+    # Coreset at scale (export/coreset_select.py): method, a device profile capping the bank, a Dask scheduler.
+    coreset_method: str = "auto"
+    device_profile: Optional[str] = None
+    dask: Optional[str] = None
 
 
 @dataclass
@@ -73,6 +77,7 @@ class ExportSummary:
     onnx_max_abs_diff: float
     engine_note: str
     seconds: Dict[str, float] = field(default_factory=dict)
+    coreset_note: str = ""
 
 
 def _quiet_progress(stage: str, done: int, total: int) -> None:
@@ -153,7 +158,8 @@ def _settings(options: ExportOptions) -> MethodSettings:
         coreset_ratio=options.coreset_ratio, coreset_size=options.coreset_size,
         projection_dim=options.projection_dim, device=options.device, seed=options.seed, hnsw_m=options.hnsw_m,
         ef_construction=options.ef_construction, ef=options.ef, reweight_neighbours=options.reweight_neighbours,
-        rerank=options.rerank)
+        rerank=options.rerank, coreset_method=options.coreset_method, device_profile=options.device_profile,
+        dask=options.dask, crop=options.crop)
 
 
 def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log,
@@ -226,6 +232,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         (staging / "training_images.json").write_text(json.dumps({"sha256": hashes}, indent=0) + "\n")
 
         start_onnx = time.perf_counter()
+        progress("onnx", 0, 1)
         onnx_path = staging / "features.onnx"
         try:
             export_onnx(network.cpu(), onnx_path, spec, output_names=info.outputs)
@@ -235,6 +242,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         except OnnxModelError as error:
             raise ExportError(str(error)) from None
         seconds["onnx"] = time.perf_counter() - start_onnx
+        progress("onnx", 1, 1)
         staged["parity"] = parity
 
         engines: List[Dict[str, Any]] = []
@@ -274,7 +282,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         bundle=bundle_path, images=len(used), skipped=skipped, patches=int(summary.get("patches", 0)),
         coreset_size=int(summary.get("coreset_size", 0)), feature_dim=int(info.dim),
         bank_mb=float(summary.get("bank_mb", 0.0)), coverage_radius=summary.get("coverage_radius"),
-        onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds)
+        onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds,
+        coreset_note=str(summary.get("coreset_note", "")))
 
 
 def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[np.ndarray], staging: Path,

@@ -69,6 +69,11 @@ class MethodSettings:
     ef: Optional[int] = None
     reweight_neighbours: int = 9
     rerank: int = 8
+    # Coreset at scale (export/coreset_select.py): method, a device profile capping the bank, a Dask scheduler.
+    coreset_method: str = "auto"
+    device_profile: Optional[str] = None
+    dask: Optional[str] = None
+    crop: int = 224
 
 
 class MethodExporter(abc.ABC):
