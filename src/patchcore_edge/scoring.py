@@ -8,6 +8,15 @@ Patches tied with E (a_j == E) are searched too, so that the patch chosen as p* 
 maximum) is the one a full exact search would choose. Otherwise r doubles (capped at the patches whose a_j
 still reaches E) until the condition holds, at worst after every patch was searched exactly.
 
+Why the re-weighted score is the same in every mode (HNSW at any ef, exact search, any batch): the weight depends
+on *which* bank row m* is nearest to p*, and two rows a few ulps apart are picked differently by hnswlib and by
+BLAS (whose rounding also changes with the batch). So p*, s* and m* are finally fixed by a rule that depends on
+the patch features and the bank alone: `PatchSearch.canonical_nearest` (the smallest `row_distances` value, the
+lowest row number among equal ones) gives c_j for the patches in decreasing order of their distance so far d_j,
+until the next d_j is below the largest c found. Every d_j is a `row_distances` value to some bank row, so
+c_j <= d_j bit for bit, and no patch left out can beat (or tie) it. p* is the lowest patch index attaining the
+largest c_j, s* that value and m* its row.
+
 Runs on the device: numpy only. The pixel map from patch distances is `patchcore_edge.maps`.
 """
 
@@ -113,10 +122,8 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
             reachable = int(np.count_nonzero(approx[i] >= best))
             target[i] = done[i] if reachable <= done[i] else min(2 * done[i], reachable)
 
-    argmax = distances.argmax(axis=1)
+    argmax, s_star, m_star = _canonical_maximum(flat.reshape(batch, patches, dim), distances, nearest, search)
     image_rows = np.arange(batch)
-    s_star = distances[image_rows, argmax]
-    m_star = nearest[image_rows, argmax]
     support = neighbours[m_star].astype(np.int64)
     if support.min() < 0 or support.max() >= search.count:
         raise ValueError("re-weighting neighbours hold row numbers outside the memory bank")
@@ -131,3 +138,25 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
                         patch_distances=distances[i].copy(), argmax=int(argmax[i]),
                         nearest_bank_index=int(m_star[i]), reranked=int(done[i]), weight=float(weights[i]))
             for i in range(batch)]
+
+
+def _canonical_maximum(features: np.ndarray, distances: np.ndarray, nearest: np.ndarray, search: PatchSearch
+                       ) -> tuple:
+    """(p*, s*, m*) per image by the mode-independent rule of the module docstring; updates the checked patches'
+    entries of `distances` and `nearest` (in place) to their canonical values."""
+    batch = features.shape[0]
+    argmax = np.empty(batch, dtype=np.int64)
+    s_star = np.empty(batch, dtype=np.float32)
+    m_star = np.empty(batch, dtype=np.int64)
+    for i in range(batch):
+        order = np.argsort(-distances[i], kind="stable")
+        best, best_patch, best_row = -1.0, -1, -1
+        for j in order:
+            if distances[i, j] < best:
+                break
+            value, row = search.canonical_nearest(features[i, j])
+            distances[i, j], nearest[i, j] = value, row
+            if value > best or (value == best and j < best_patch):
+                best, best_patch, best_row = value, int(j), row
+        argmax[i], s_star[i], m_star[i] = best_patch, best, best_row
+    return argmax, s_star, m_star
