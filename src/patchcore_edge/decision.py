@@ -84,6 +84,8 @@ class Calibration:
     bundle: Dict[str, str] = field(default_factory=dict)
     warnings: List[Dict[str, str]] = field(default_factory=list)
     sources: Dict[str, Any] = field(default_factory=dict)
+    # What produced the scores (see SCORED_WITH): the thresholds hold only for the same set-up.
+    scored_with: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(self.to_dict(), "<calibration>")
@@ -127,6 +129,7 @@ class Calibration:
             "bundle": dict(self.bundle),
             "warnings": [dict(w) for w in self.warnings],
             "sources": dict(self.sources),
+            "scored_with": json.loads(json.dumps(self.scored_with)),
         }
 
     def to_json_bytes(self) -> bytes:
@@ -142,7 +145,7 @@ class Calibration:
         return cls(image=image, pixel=pixel, nominal_scores=dict(data["nominal_scores"]),
                    created_utc=str(data.get("created_utc", "")), toolkit_version=str(data.get("toolkit_version", "")),
                    bundle=dict(data.get("bundle", {})), warnings=list(data.get("warnings", [])),
-                   sources=dict(data.get("sources", {})))
+                   sources=dict(data.get("sources", {})), scored_with=dict(data.get("scored_with", {})))
 
     @classmethod
     def load(cls, path: Union["os.PathLike[str]", str]) -> "Calibration":
@@ -253,7 +256,7 @@ def _validate(data: Any, source: str) -> None:
         _fail(source, "nominal_scores must hold at least q25, q50 and q75")
     for key in ("q25", "q50", "q75"):
         _number(nominal, key, source, "nominal_scores")
-    for key in ("bundle", "sources"):
+    for key in ("bundle", "sources", "scored_with"):
         if not isinstance(data.get(key, {}), dict):
             _fail(source, f"{key} must be an object")
     warnings = data.get("warnings", [])
@@ -272,6 +275,38 @@ def check_binding(calibration: Calibration, bundle: "Bundle", source: str) -> No
             raise CalibrationError(
                 f"{source}: this calibration was made for another bundle ({key} differs); the scores of this bundle "
                 "are on another scale: calibrate this bundle with its own images")
+
+
+# ---- item 1 (issue 11): a calibration holds for the set-up that produced its scores, and only for it.
+# Keys of Calibration.scored_with, in the order a mismatch is reported, with the words used for them.
+SCORED_WITH = (("backend", "feature backend"), ("engine_sha256", "TensorRT engine (sha256)"),
+               ("precision", "precision"), ("method", "search settings"), ("toolkit_version", "patchcore-edge version"))
+REDO_CALIBRATION = "calibrate again on this device with this set-up (`patchcore-edge calibrate BUNDLE NOMINAL_DIR`)"
+
+
+def setup_mismatch(calibration: Calibration, actual: Mapping[str, Any]) -> Optional[str]:
+    """Why the calibration does not apply to the set-up `actual` (a SCORED_WITH record), or None when it does.
+
+    Any difference voids the guarantee: an FP16 or INT8 engine moves scores by up to 2 % / 10 %, another version
+    may score differently. A calibration that records no set-up (made before it was recorded) is refused as well.
+    """
+    recorded = calibration.scored_with
+    if not recorded:
+        return "the calibration does not record the backend and settings its scores came from (an older format)"
+    differences = []
+    for key, words in SCORED_WITH:
+        if recorded.get(key) != actual.get(key):
+            differences.append(f"{words} {_show(recorded.get(key))} at calibration, {_show(actual.get(key))} now")
+    return "; ".join(differences) or None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_show(v)}" for k, v in sorted(value.items())) + ")"
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12]
+    return "none" if value is None else str(value)
+# ---- end item 1
 
 
 def load_for_bundle(bundle: "Bundle") -> Optional[Calibration]:

@@ -21,7 +21,8 @@ from .. import __version__
 from ..bundle import Bundle, BundleError, utc_stamp
 from ..imageio import IMAGE_SUFFIXES, ImageReadError, decode_rgb, list_images, read_rgb
 from .. import stats
-from ..decision import Calibration, CalibrationError, ImageCalibration, PixelCalibration, check_binding
+from ..decision import (REDO_CALIBRATION, Calibration, CalibrationError, ImageCalibration, PixelCalibration,
+                        check_binding, setup_mismatch)
 from ..runtime.detector import Detector
 
 # Below this many usable nominal images the order statistics say next to nothing (the maximum of 9 images
@@ -426,7 +427,8 @@ def calibrate(detector: Any, bundle: Bundle, nominal_dir: Path,
         sources={"nominal_dir": str(nominal_dir), "defects_dir": None if defects_dir is None else str(defects_dir),
                  "masks_dir": None if masks_dir is None else str(masks_dir), "nominal_used": len(nominal),
                  "defects_used": len(defects), "excluded": len(excluded), "skipped": len(skipped),
-                 "backend": str(getattr(detector, "backend_name", "unknown"))})
+                 "backend": str(getattr(detector, "backend_name", "unknown"))},
+        scored_with=dict(getattr(detector, "scored_with", {})))
     return CalibrationOutcome(calibration=calibration, nominal=nominal, defects=defects, excluded=excluded,
                               skipped=skipped, findings=findings, pixel_nominal_threshold=pixel_nominal,
                               bundle_dir=bundle.path)
@@ -601,6 +603,14 @@ def check(detector: Any, bundle: Bundle, folder: Path,
         raise CalibrationError(f"{bundle.path}: the bundle has no calibration to check; run `patchcore-edge calibrate "
                                "BUNDLE NOMINAL_DIR` first")
     check_binding(calibration, bundle, str(bundle.path))
+    # The check measures the set-up the line runs (the detector is loaded as `run` loads it): a calibration made
+    # with another backend, engine or version says nothing about it.
+    actual = getattr(detector, "scored_with", None)
+    problem = None if actual is None else setup_mismatch(calibration, actual)
+    if problem is not None:
+        raise CalibrationError(f"{bundle.path / bundle.calibration.file if bundle.calibration else bundle.path}: "
+                               f"the current calibration does not apply to this set-up ({problem}); "
+                               f"{REDO_CALIBRATION}")
     level = calibration.image.confidence if confidence is None else float(confidence)
     findings: List[Finding] = []
     training = training_hashes(bundle)
@@ -638,9 +648,11 @@ def check(detector: Any, bundle: Bundle, folder: Path,
                         findings=findings)
 
 
-def load_detector(bundle_dir: Path, backend: str = "auto") -> Any:
-    """The runtime Detector for the bundle, its current calibration unread (this command replaces it)."""
-    return Detector.load(bundle_dir, backend=backend, ignore_calibration=True)
+def load_detector(bundle: "Bundle | Path", backend: str = "auto") -> Any:
+    """The runtime Detector for the bundle, its current calibration unread (this command replaces it).
+
+    Given a loaded Bundle (its files verified once already), the files are not hashed again."""
+    return Detector.load(bundle, backend=backend, ignore_calibration=True)
 
 
 __all__ = [
