@@ -170,3 +170,24 @@ def test_calibrate_hashes_every_bundle_file_once(calibrated: Dict[str, Path], tm
     assert result.exit_code == 0, result.output
     score_files = {name for name in listed if not name.startswith("calibration-")}
     assert score_files and all(hashed[name] == 1 for name in score_files), dict(hashed)
+
+
+def test_calibrated_mask_equals_the_exact_search_mask(calibrated: Dict[str, Path]) -> None:
+    from patchcore_edge.decision import remove_small_regions
+
+    image = cv2.imread(str(sorted(calibrated["good"].iterdir())[1]))[:, :, ::-1].copy()
+    image[30:60, 20:70] = (250, 160, 40)  # a defect no good part shows
+    with Detector.load(calibrated["bundle"], backend="onnxruntime", ef=1) as fast:
+        assert fast.calibration_refused is not None  # another ef: no decisions ...
+    with Detector.load(calibrated["bundle"], backend="onnxruntime") as detector:  # ... the calibrated set-up
+        assert detector.calibration is not None and detector.calibration.pixel is not None
+        result = detector.predict(image)
+        pixel = detector.calibration.pixel
+    with Detector.load(calibrated["bundle"], backend="onnxruntime", exact_search=True,
+                       ignore_calibration=True) as exact:
+        exact_map = exact.predict(image).anomaly_map
+    assert result.is_anomalous and result.mask is not None and result.mask.any()
+    np.testing.assert_array_equal(result.mask,
+                                  remove_small_regions(exact_map > pixel.threshold, pixel.min_defect_area))
+    above = exact_map > pixel.threshold
+    np.testing.assert_allclose(result.anomaly_map[above], exact_map[above], rtol=1e-6)

@@ -293,3 +293,38 @@ def test_tied_nearest_rows_give_one_score_in_every_mode() -> None:
         # The rule: lowest row number among the smallest direct distance.
         direct = np.sqrt(((p - bank[tied]) ** 2).sum(1, dtype=np.float32))
         assert ref.nearest_bank_index == int(tied[direct == direct.min()].min())
+
+
+def test_calibrated_masks_equal_exact_search_at_any_ef(
+        world: Tuple[np.ndarray, np.ndarray, np.random.Generator]) -> None:
+    from patchcore_edge.maps import map_reach_cells
+
+    bank, centres, _ = world
+    rng = np.random.default_rng(11)
+    grid, crop, sigma = (14, 14), 112, 4.0
+    neighbours = bank_neighbours(bank, 5)
+    poor = build_index(bank, m=4, ef_construction=8)  # recall@1 about 0.3 at ef 2: many over-estimates
+    images = []
+    for _ in range(4):
+        patches = clustered(rng, 196, 16, centres, 0.6).reshape(14, 14, 16)
+        top, left = rng.integers(0, 10, 2)
+        patches[top:top + 4, left:left + 4] += rng.normal(scale=1.5, size=(4, 4, 16)).astype(np.float32)
+        images.append(patches.reshape(196, 16))
+    features = np.array(images, dtype=np.float32)
+    exact_maps = [anomaly_map(s.patch_distances.reshape(grid), crop, sigma)
+                  for s in image_scores(features, PatchSearch(bank, None), neighbours)]
+    level = float(np.median([np.quantile(m, 0.85) for m in exact_maps]))
+    reach = map_reach_cells(grid, crop, sigma)
+    moved_without_rule = 0
+    for ef in (1, 2, 8):
+        search = PatchSearch(bank, poor, ef=ef, threads=1)
+        plain = image_scores(features, search, neighbours)
+        checked = image_scores(features, search, neighbours, exact_above=level, grid=grid, reach=reach)
+        for exact_map, p, c in zip(exact_maps, plain, checked):
+            expected = exact_map > level
+            assert np.array_equal(anomaly_map(c.patch_distances.reshape(grid), crop, sigma) > level, expected)
+            moved_without_rule += int(np.count_nonzero(
+                (anomaly_map(p.patch_distances.reshape(grid), crop, sigma) > level) != expected))
+            assert c.score == p.score  # the image score never needed the rule
+    # What the rule is for: without it (the behaviour before) the masks move with ef.
+    assert moved_without_rule > 0

@@ -27,7 +27,7 @@ from ..bundle import Bundle, BundleError
 from ..cpu import available_cores
 from ..decision import REDO_CALIBRATION, Calibration, load_for_bundle, setup_mismatch
 from ..imageio import ImageReadError, read_rgb
-from ..maps import anomaly_map
+from ..maps import anomaly_map, map_reach_cells
 from ..methods import Scorer, ScorerOptions, UnknownMethod, scorer_class
 from ..preprocess import Geometry, geometry, map_to_image, preprocess
 from .backends import FeatureBackend, open_backend
@@ -138,14 +138,17 @@ class Detector:
             method = scorer_class(bundle.method.name)
         except UnknownMethod as error:
             raise BundleError(f"{bundle.path}: {error}") from None
-        scorer = method.load(bundle, ScorerOptions(ef=ef, exact_search=exact_search, threads=threads))
-        features_backend, note = open_backend(bundle, backend, threads)
         try:
             current = None if ignore_calibration else load_for_bundle(bundle)
         except (OSError, ValueError) as error:
-            features_backend.close()
             raise BundleError(f"{error}; roll the calibration back with `patchcore-edge calibrate BUNDLE --rollback` "
                               "or calibrate again") from None
+        # With a pixel threshold the method makes its map exact wherever a mask can appear (issue 11, item 3).
+        level = current.pixel.threshold if current is not None and current.pixel is not None else None
+        reach = map_reach_cells(bundle.features.grid, bundle.input_spec.crop, bundle.map_sigma)
+        scorer = method.load(bundle, ScorerOptions(ef=ef, exact_search=exact_search, threads=threads,
+                                                   exact_map_above=level, exact_map_reach=reach))
+        features_backend, note = open_backend(bundle, backend, threads)
         return cls(bundle, features_backend, note, scorer, current)
 
     def __enter__(self) -> "Detector":
