@@ -32,6 +32,7 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 
 IMAGE_METHODS = ("order-statistic", "maximum-too-few-images", "best-f1", "max-recall")
 PIXEL_METHODS = ("nominal-order-statistic", "masks-best-f1", "manual")
+CERTIFICATES = ("order-statistic", "held-out")
 NORMALISATION = {"kind": "ratio", "formula": "normalised = score / image.threshold", "threshold_reads": 1.0}
 
 
@@ -58,6 +59,18 @@ class ImageCalibration:
     recall: Optional[float] = None
     precision: Optional[float] = None
     f1: Optional[float] = None
+    # Which images the guaranteed rate rests on (CERTIFICATES): all nominal images for an order statistic; for a
+    # threshold chosen with the defect images (best-F1), the nominal images held out of that choice.
+    certificate: str = "order-statistic"
+    n_selection: Optional[int] = None
+    n_certification: Optional[int] = None
+
+    def certificate_text(self) -> str:
+        """The one wording of what the guaranteed rate rests on, for the summary, the JSON and the docs."""
+        if self.certificate == "held-out":
+            return (f"certified on {self.n_certification} held-out nominal images (the threshold was chosen on the "
+                    f"other {self.n_selection} and the defect images)")
+        return f"certified by the order statistic of all {self.n_nominal} nominal images"
 
 
 @dataclass(frozen=True)
@@ -123,7 +136,7 @@ class Calibration:
             "toolkit_version": self.toolkit_version,
             "decision": "anomalous if score > image.threshold",
             "normalisation": dict(NORMALISATION),
-            "image": asdict(self.image),
+            "image": {**asdict(self.image), "certified_by": self.image.certificate_text()},
             "pixel": None if self.pixel is None else asdict(self.pixel),
             "nominal_scores": dict(self.nominal_scores),
             "bundle": dict(self.bundle),
@@ -238,6 +251,11 @@ def _validate(data: Any, source: str) -> None:
         _fail(source, f"image.rank {image['rank']} exceeds image.n_nominal {image['n_nominal']}")
     if not isinstance(image.get("guarantee_met"), bool):
         _fail(source, "image.guarantee_met must be true or false")
+    if image.get("certificate", "order-statistic") not in CERTIFICATES:
+        _fail(source, f"image.certificate must be one of {', '.join(CERTIFICATES)}, got {image.get('certificate')!r}")
+    if image.get("certificate") == "held-out":
+        _integer(image, "n_selection", source, "image", low=1)
+        _integer(image, "n_certification", source, "image", low=1)
     pixel = data.get("pixel")
     if pixel is not None:
         if not isinstance(pixel, dict):
