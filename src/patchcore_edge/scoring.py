@@ -139,8 +139,8 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
 
     if exact_above is not None and not search.is_exact:
         checked = np.zeros((batch, patches), dtype=bool)
-        for i in range(batch):
-            checked[i, order[i, :done[i]]] = True
+        for image in range(batch):
+            checked[image, order[image, :done[image]]] = True
         _exact_near_level(flat, search, approx, distances, nearest, checked, float(exact_above),
                           grid or (1, patches), int(reach))
     argmax, s_star, m_star = _canonical_maximum(flat.reshape(batch, patches, dim), distances, nearest, search)
