@@ -60,7 +60,7 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
     """Set the thresholds of BUNDLE from images of good parts in NOMINAL_DIR (and defects, optionally).
 
     The image threshold keeps the false-alarm rate at or below --false-alarm-rate with the stated --confidence,
-    whatever the score distribution (that needs ~300 good images for 1 % at 95 %; with fewer, the highest good
+    whatever the score distribution (that needs 299 good images for 1 % at 95 %; with fewer, the highest good
     score is used and the rate it does guarantee is reported).
     """
     from ..bundle import Bundle, BundleError
@@ -82,8 +82,9 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
             click.echo(f"rolled back: {current} is now the current calibration ({previous} kept as previous; "
                        "--rollback again to undo)")
             return
-        loaded = Bundle.load(bundle)
-        detector = flow.load_detector(bundle, backend)
+        # Verified here once; the detector reuses the loaded bundle.
+        loaded = Bundle.load(bundle, verify_calibration=check_dir is not None)
+        detector = flow.load_detector(loaded, backend)
         try:
             if check_dir is not None:
                 outcome = flow.check(detector, loaded, check_dir, batch_size=batch_size, progress=progress)

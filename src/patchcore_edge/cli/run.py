@@ -283,6 +283,8 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
         raise CannotStart(f"cannot load bundle {bundle}: {error}") from None
 
     calibration = getattr(detector, "calibration", None)
+    if getattr(detector, "calibration_refused", None):
+        log.warning("%s", detector.calibration_refused)
     writer = None
     run_info: Dict[str, Any] = {"bundle": str(bundle), "backend": getattr(detector, "backend_name", backend),
                                 "calibrated": calibration is not None,

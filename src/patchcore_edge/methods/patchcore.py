@@ -7,7 +7,7 @@ the math to the `Scorer` interface.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -34,12 +34,14 @@ class PatchCoreScorer(Scorer):
     name = NAME
 
     def __init__(self, search: PatchSearch, neighbours: np.ndarray, rerank: int, grid: tuple,
-                 output_name: str) -> None:
+                 output_name: str, exact_map_above: Optional[float] = None, exact_map_reach: int = 0) -> None:
         self.search = search
         self.neighbours = neighbours
         self.rerank = int(rerank)
         self.grid = (int(grid[0]), int(grid[1]))
         self.output_name = output_name
+        self.exact_map_above = exact_map_above
+        self.exact_map_reach = int(exact_map_reach)
 
     @classmethod
     def load(cls, bundle: "Bundle", options: ScorerOptions) -> "PatchCoreScorer":
@@ -68,7 +70,8 @@ class PatchCoreScorer(Scorer):
             raise BundleError(f"{error}; re-export the bundle") from None
         except ValueError as error:
             raise BundleError(f"{bundle.path}: {error}; re-export the bundle") from None
-        return cls(search, neighbours, rerank, bundle.features.grid, bundle.features.output_name)
+        return cls(search, neighbours, rerank, bundle.features.grid, bundle.features.output_name,
+                   options.exact_map_above, options.exact_map_reach)
 
     @classmethod
     def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
@@ -83,7 +86,8 @@ class PatchCoreScorer(Scorer):
     def patch_scores(self, grid: np.ndarray) -> List[PatchScores]:
         """The full PatchCore record of a batch of feature grids [B, h, w, D]."""
         n = grid.shape[0]
-        return image_scores(grid.reshape(n, -1, grid.shape[-1]), self.search, self.neighbours, self.rerank)
+        return image_scores(grid.reshape(n, -1, grid.shape[-1]), self.search, self.neighbours, self.rerank,
+                            exact_above=self.exact_map_above, grid=self.grid, reach=self.exact_map_reach)
 
     def score(self, outputs: Mapping[str, np.ndarray]) -> List[MethodScore]:
         grid = outputs[self.output_name]

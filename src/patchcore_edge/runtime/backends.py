@@ -16,6 +16,9 @@ class FeatureBackend(Protocol):
 
     name: str
     max_batch: Optional[int]
+    # What the scores depend on, recorded by calibration: the engine file (None for ONNX Runtime) and precision.
+    engine_file: Optional[str]
+    precision: str
 
     def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
         """float32 [B, 3, H, W] -> {output name: float32 [B, ...]}."""
@@ -35,6 +38,8 @@ class OnnxRuntimeFeatures:
     """features.onnx through ONNX Runtime, on the best execution provider present (CUDA/TensorRT EPs if any)."""
 
     max_batch: Optional[int] = None
+    engine_file: Optional[str] = None
+    precision = "fp32"  # features.onnx is a float32 graph
 
     def __init__(self, onnx_path: Path, input_name: str, output_names: Sequence[str], threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None) -> None:
@@ -88,9 +93,12 @@ BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
 class SingleOutputBackend:
     """A backend whose `features(batch)` returns the one output (TensorRT engines of single-output networks)."""
 
-    def __init__(self, inner: Any, output_name: str) -> None:
+    def __init__(self, inner: Any, output_name: str, engine_file: Optional[str] = None, precision: str = "fp32"
+                 ) -> None:
         self.inner = inner
         self.output_name = output_name
+        self.engine_file = engine_file
+        self.precision = precision
         self.name = inner.name
         self.max_batch = getattr(inner, "max_batch", None)
 
@@ -113,7 +121,9 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] =
         engine, reason = find_engine(bundle)
         if engine is not None:
             runner = open_engine(bundle, engine)
-            return SingleOutputBackend(runner, features.output_name), f"TensorRT engine {engine['file']}"
+            backend_used = SingleOutputBackend(runner, features.output_name, engine_file=str(engine["file"]),
+                                               precision=str(engine.get("precision", "unknown")))
+            return backend_used, f"TensorRT engine {engine['file']}"
         if backend == "tensorrt":
             raise BundleError(f"{bundle.path}: no usable TensorRT engine ({reason})")
         note = f"ONNX Runtime ({reason})"
