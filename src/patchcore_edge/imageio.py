@@ -217,8 +217,14 @@ def decode_rgb(data: bytes, path: os.PathLike | str = "<bytes>") -> np.ndarray:
 
 def read_rgb(path: os.PathLike | str) -> np.ndarray:
     """Read an image file as an RGB uint8 array of shape (H, W, 3); raise ImageReadError with the reason."""
+    return decode_rgb(read_image_bytes(path), path)
+
+
+def read_image_bytes(path: os.PathLike | str) -> bytes:
+    """The encoded bytes of an image file; a folder, FIFO, device, dangling link or oversized file is refused
+    (ImageReadError with the reason) without blocking."""
     try:
-        data = _read_regular(Path(path))
+        return _read_regular(Path(path))
     except IsADirectoryError:
         raise ImageReadError(path, "is a folder, not an image file") from None
     except FileNotFoundError:
@@ -226,7 +232,6 @@ def read_rgb(path: os.PathLike | str) -> np.ndarray:
         raise ImageReadError(path, reason) from None
     except OSError as error:
         raise ImageReadError(path, f"cannot read file ({error.strerror or error})") from None
-    return decode_rgb(data, path)
 
 
 def _special_kind(mode: int) -> str:
