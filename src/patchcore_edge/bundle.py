@@ -7,6 +7,7 @@ existing bundle is changed by writing new files first and replacing manifest.jso
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -14,10 +15,11 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -115,7 +117,10 @@ def _fsync_dir(folder: Path) -> None:
 def write_file_atomic(path: os.PathLike | str, data: bytes) -> None:
     """Write bytes to path through a temporary file in the same folder and a rename."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        raise BundleError(f"{target}: cannot write ({error.strerror or error})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -123,6 +128,9 @@ def write_file_atomic(path: os.PathLike | str, data: bytes) -> None:
             os.fsync(handle.fileno())
         _ordinary_permissions(Path(tmp), folder=False)
         os.replace(tmp, target)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise BundleError(f"{target}: cannot write ({error.strerror or error}); the bundle is unchanged") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -527,6 +535,50 @@ def update_bundle(bundle_dir: os.PathLike | str, new_files: Mapping[str, bytes],
         if name not in new_files:
             (folder / name).unlink(missing_ok=True)
     return edited
+
+
+LOCK_FILE = ".patchcore-edge.lock"
+
+
+@contextmanager
+def bundle_lock(bundle_dir: os.PathLike | str, job: str, wait_s: float = 30.0) -> Iterator[None]:
+    """Hold the bundle's lock while `job` changes it: a second calibration of the same bundle fails at once with
+    a message instead of silently dropping the first one's file from the manifest. The lock file is removed
+    on release (a kill leaves it unlocked: flock locks die with their process). Waits up to wait_s first."""
+    path = Path(bundle_dir) / LOCK_FILE
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise BundleError(f"{path}: cannot create the lock file ({error.strerror or error})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            raise BundleError(f"{Path(bundle_dir)}: {holder} is changing this bundle; wait for it to finish and "
+                              f"run {job} again (lock file {path})") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file between our open and our lock: take the new one
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{job} (pid {os.getpid()})\n".encode())
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def utc_stamp() -> str:

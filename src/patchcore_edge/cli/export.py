@@ -55,6 +55,10 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
     except (ExportError, BundleError) as error:
         bars.close()
         raise click.ClickException(str(error)) from None
+    except OSError as error:  # a full disk or a read-only folder while writing the staging bundle
+        bars.close()
+        where = error.filename or output
+        raise click.ClickException(f"{where}: {error.strerror or error}; no bundle was written") from None
     bars.close()
     rows: Dict[str, str] = {
         "bundle": str(summary.bundle),
