@@ -290,3 +290,21 @@ def test_leftovers_of_a_killed_export_are_cleaned_or_reported(tiny_bundle: Path,
     assert aside.exists() and "interrupted export left the previous bundle" in caplog.text
     write_new_bundle(target, _tiny_build, force=True)  # now the target is valid: the old copy is ours to remove
     assert not aside.exists()
+
+
+def test_export_and_calibrate_skip_hostile_images(tiny_bundle: Path, tmp_path: Path) -> None:
+    from tests.conftest import make_nominal_folder
+    from tests.test_imageio import _png_header_only
+
+    good = make_nominal_folder(tmp_path / "good", count=12, size=72)
+    (good / "bomb.png").write_bytes(_png_header_only(40000, 40000))
+    (good / "line.png").write_bytes(_png_header_only(16000, 1, rows=1))
+    os.mkfifo(good / "pipe.png")
+    result = CliRunner().invoke(main, ["export", str(good), "-o", str(tmp_path / "b"), "--resize", "72", "--crop",
+                                       "64", "--no-engine", "-q"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "bomb.png" in result.output and "line.png" in result.output and "pipe.png" in result.output
+    copy = tmp_path / "c"
+    shutil.copytree(tiny_bundle, copy)
+    result = CliRunner().invoke(main, ["calibrate", str(copy), str(good), "-q"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output

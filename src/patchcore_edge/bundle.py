@@ -170,7 +170,7 @@ def _positive_int(section: Mapping[str, Any], key: str, bundle_dir: Path, where:
     value = section.get(key)
     _require(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= maximum, bundle_dir,
              f"{where}.{key} must be an integer from 1 to {maximum}, got {value!r}")
-    return int(value)
+    return value if isinstance(value, int) else 0  # always the int: _require raised otherwise
 
 
 def _finite(value: Any) -> bool:

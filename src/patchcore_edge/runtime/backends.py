@@ -159,7 +159,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] =
     else:
         note = "ONNX Runtime (asked for)"
     crop = bundle.input_spec.crop
-    shapes = {features.input_name: (3, crop, crop), features.output_name: (*features.grid, features.dim)}
+    shapes: Dict[str, Tuple[int, ...]] = {features.input_name: (3, crop, crop), features.output_name: (*features.grid, features.dim)}
     ort_backend = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
                                       threads=threads, shapes=shapes)
     return ort_backend, note
