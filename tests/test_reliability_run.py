@@ -147,3 +147,15 @@ def test_sigterm_ends_a_run_with_the_summary(tiny_bundle: Path, tmp_path: Path) 
     _, err = child.communicate(timeout=30)
     assert time.perf_counter() - sent < 3.0
     assert child.returncode == 130 and "run summary (interrupted)" in err and "Traceback" not in err
+
+
+def test_a_fifo_named_on_the_command_line_is_refused_without_blocking(tiny_bundle: Path, tmp_path: Path) -> None:
+    pipe = tmp_path / "camera.png"
+    os.mkfifo(pipe)
+    good = _part(tmp_path / "good.png")
+    started = time.perf_counter()
+    result = _run([str(tiny_bundle), str(pipe), str(good), "--no-maps"])
+    assert time.perf_counter() - started < 60
+    assert result.exit_code == 1 and "FIFO" in result.output and "Traceback" not in result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [("score" in r) for r in records] == [False, True]
