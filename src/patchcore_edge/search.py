@@ -327,6 +327,27 @@ def validate_neighbours(neighbours: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int32)
 
 
+def check_neighbours_sample(bank: np.ndarray, neighbours: np.ndarray, rows: int = 32, seed: int = 0) -> None:
+    """Check that sampled rows of bank_neighbours are their row's true b nearest bank rows (ValueError if not).
+
+    Range checks alone let a re-hashed bundle carry arbitrary neighbours (wrong re-weighting, wrong scores). The
+    sample costs `rows` exact distance rows (32 x M x D: milliseconds for a 100k x 1k bank). Ties are allowed:
+    a listed neighbour only has to be no farther than the b-th true distance (with float32 slack).
+    """
+    data = as_bank(bank)
+    count, b = neighbours.shape
+    picked = np.random.default_rng(seed).choice(count, size=min(rows, count), replace=False)
+    step = max(1, (1 << 22) // max(1, data.shape[1]))  # 16 MiB of float32 differences at a time
+    for row in picked:
+        dist = np.concatenate([np.sqrt(np.square(data[start:start + step] - data[row]).sum(axis=1))
+                               for start in range(0, count, step)])
+        limit = np.partition(dist, b - 1)[b - 1]
+        listed = dist[neighbours[row]]
+        slack = 1e-4 * (1.0 + float(limit))
+        if len(set(neighbours[row].tolist())) != b or float(listed.max()) > float(limit) + slack:
+            raise ValueError(f"bank neighbours of row {row} are not its {b} nearest bank rows (sample check)")
+
+
 # ---------------------------------------------------------------------------------------------- memory
 # hnswlib's layout (hnswalg.h), for estimates before an index exists (devices fit, export size caps).
 _HNSW_HEADER_BYTES = 96

@@ -239,7 +239,10 @@ def current_calibration(bundle: Bundle) -> Optional[Calibration]:
     ref = bundle.calibration
     if ref is None:
         return None
-    return Calibration.load(bundle.path / ref.file)
+    try:
+        return Calibration.load(bundle.path / ref.file)
+    except (RecursionError, ValueError, TypeError, KeyError) as error:  # nested too deep, NaN, wrong fields
+        raise CalibrationError(f"{bundle.path / ref.file}: not a usable calibration ({type(error).__name__})") from None
 
 
 def reference_quantiles(bundle: Bundle, previous: Optional[Calibration]

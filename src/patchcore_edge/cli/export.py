@@ -19,12 +19,12 @@ BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
 @click.option("--weights", default=None, metavar="FILE|random",
               help="ImageNet weights (torchvision state_dict .pth). Default: the offline package for mobilenet_v2, "
                    "else torchvision's cache. 'random' asks for untrained weights (for tests only).")
-@click.option("--resize", default=256, show_default=True, help="Shorter image side before the centre crop.")
-@click.option("--crop", default=224, show_default=True, help="Side of the square network input.")
-@click.option("--feature-dim", type=int, default=None, help="Patch feature channels (default: the backbone's).")
+@click.option("--resize", type=click.IntRange(16, 4096), default=256, show_default=True, help="Shorter image side before the centre crop.")
+@click.option("--crop", type=click.IntRange(16, 4096), default=224, show_default=True, help="Side of the square network input.")
+@click.option("--feature-dim", type=click.IntRange(1), default=None, help="Patch feature channels (default: the backbone's).")
 @click.option("--coreset-ratio", default=0.1, show_default=True, help="Fraction of patches kept in the bank.")
 @click.option("--coreset-size", type=int, default=None, help="Absolute bank size (overrides --coreset-ratio).")
-@click.option("--projection-dim", default=128, show_default=True, help="Random projection dim for the coreset.")
+@click.option("--projection-dim", type=click.IntRange(1), default=128, show_default=True, help="Random projection dim for the coreset.")
 @click.option("--coreset-method", type=click.Choice(("auto", "exact", "partitioned")), default="auto",
               show_default=True, help="exact greedy, or greedy in k-means cells (fast at any size); auto picks.")
 @click.option("--device-profile", default=None, metavar="NAME",
@@ -33,11 +33,11 @@ BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2")
               help="Run the coreset's cells on a Dask cluster (needs the [dask] extra); local = 2 processes.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--ef", type=int, default=None, help="HNSW search breadth recorded as the runtime default.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--ef", type=click.IntRange(1), default=None, help="HNSW search breadth recorded as the runtime default.")
 @click.option("--engine/--no-engine", default=True, show_default=True,
               help="Build a TensorRT engine when TensorRT and a GPU are present.")
-@click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle: any other folder is refused).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Optional[str], resize: int, crop: int,
                    feature_dim: Optional[int], coreset_ratio: float, coreset_size: Optional[int], projection_dim: int,
@@ -62,6 +62,10 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
     except (ExportError, BundleError) as error:
         bars.close()
         raise click.ClickException(str(error)) from None
+    except OSError as error:  # a full disk or a read-only folder while writing the staging bundle
+        bars.close()
+        where = error.filename or output
+        raise click.ClickException(f"{where}: {error.strerror or error}; no bundle was written") from None
     bars.close()
     rows: Dict[str, str] = {
         "bundle": str(summary.bundle),

@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import __version__
-from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, write_new_bundle
-from ..imageio import ImageReadError, decode_rgb, list_images
+from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, check_replaceable, write_new_bundle
+from ..imageio import ImageReadError, decode_rgb, list_images, read_image_bytes
 from ..preprocess import InputSpec
 from ..stats import quantiles
 from .methods.base import MethodSettings
@@ -130,7 +130,7 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
 
     for position, path in enumerate(paths, start=1):
         try:
-            data = path.read_bytes()
+            data = read_image_bytes(path)
             image = decode_rgb(data, path)
         except ImageReadError as error:
             errors.append(error)
@@ -150,6 +150,37 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
     outputs = {name: np.ascontiguousarray(np.concatenate(parts), dtype=np.float32) if parts
                else np.zeros((0,), np.float32) for name, parts in chunks.items()}
     return outputs, used, hashes, errors, samples
+
+
+def check_options(options: ExportOptions) -> None:
+    """Every option checked before any work starts (ExportError naming the option): no features or coreset are
+    computed for an export that would be refused at the end."""
+    import torch
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ExportError(message)
+
+    need(options.batch_size >= 1, f"--batch-size must be at least 1, got {options.batch_size}")
+    need(options.ef is None or options.ef >= 1, f"--ef must be at least 1, got {options.ef}")
+    need(options.projection_dim >= 1, f"--projection-dim must be at least 1, got {options.projection_dim}")
+    need(options.feature_dim is None or options.feature_dim >= 1,
+         f"--feature-dim must be at least 1, got {options.feature_dim}")
+    try:
+        device = torch.device(options.device)
+    except (RuntimeError, ValueError):
+        raise ExportError(f"--device {options.device}: not a torch device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda":
+        need(torch.cuda.is_available(), f"--device {options.device}: torch sees no CUDA GPU here; use --device cpu")
+        need(device.index is None or device.index < torch.cuda.device_count(),
+             f"--device {options.device}: there are only {torch.cuda.device_count()} CUDA devices")
+    output = Path(options.output).resolve()
+    if isinstance(options.nominal_dir, (str, Path)):
+        nominal = Path(options.nominal_dir).resolve()
+        need(not (output == nominal or output.is_relative_to(nominal) or nominal.is_relative_to(output)),
+             f"-o {options.output}: the bundle folder must be outside NOMINAL_DIR {options.nominal_dir} (and not "
+             "contain it): the training images are never replaced")
+    check_replaceable(output, options.force)
 
 
 def _settings(options: ExportOptions) -> MethodSettings:
@@ -176,8 +207,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     seconds: Dict[str, float] = {}
     output = Path(options.output)
-    if output.exists() and not options.force:
-        raise BundleError(f"{output}: already exists; pass --force to overwrite it or choose another output folder")
+    check_options(options)
     try:
         spec = InputSpec(resize=options.resize, crop=options.crop)
         method = get_exporter(options.method)
@@ -193,7 +223,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
         for path in paths:
             try:
-                training_images.append(torch_preprocess(decode_rgb(path.read_bytes(), path), spec).numpy())
+                training_images.append(torch_preprocess(decode_rgb(read_image_bytes(path), path), spec).numpy())
             except (ImageReadError, OSError):
                 pass  # listed as skipped by the feature pass below
     try:

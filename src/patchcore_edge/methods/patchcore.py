@@ -13,7 +13,8 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..scoring import PatchScores, image_scores
-from ..search import IndexFileError, PatchSearch, index_resident_bytes, load_index, validate_neighbours
+from ..search import (IndexFileError, PatchSearch, check_neighbours_sample, index_resident_bytes, load_index,
+                      validate_neighbours)
 from .base import MethodScore, Scorer, ScorerOptions
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class PatchCoreScorer(Scorer):
                               f"{(bank.shape[0], b)}; re-export the bundle")
         try:
             neighbours = validate_neighbours(neighbours, bank.shape[0])
+            check_neighbours_sample(bank, neighbours)
             index = None if options.exact_search else load_index(bundle.method_file("index"), bank.shape[1],
                                                                  bank.shape[0], bank=bank)
             search = PatchSearch(bank, index, ef=ef, threads=options.threads)
