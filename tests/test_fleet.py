@@ -235,3 +235,89 @@ def test_user_password_refused_and_accepted(tmp_path: Path) -> None:
         sub.close()
     finally:
         broker.stop()
+
+
+def test_tls_with_a_test_made_certificate(tmp_path: Path) -> None:
+    folder = tmp_path / "broker"
+    folder.mkdir()
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+        "-subj", "/CN=test-ca")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj",
+        "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "server.crt", "-days", "1", "-extfile", "san.ext")
+    broker = Broker(folder, ["allow_anonymous true", f"cafile {folder}/ca.crt", f"certfile {folder}/server.crt",
+                             f"keyfile {folder}/server.key"])
+    try:
+        url = parse_broker_url(f"mqtts://127.0.0.1:{broker.port}/plant")
+        good = Publisher(PublisherConfig(url, device="b", spool_dir=tmp_path / "s", ca_file=str(folder / "ca.crt")))
+        good.publish({"index": 0})
+        assert good.connected.wait(10)
+        assert good.close()["messages"] == 0  # delivered over TLS and acknowledged
+        # Without the test CA the broker's certificate is not trusted: nothing is sent, the message stays.
+        untrusted = Publisher(PublisherConfig(url, device="b", spool_dir=tmp_path / "s2", drain_s=1.5))
+        untrusted.publish({"index": 0})
+        assert untrusted.close()["messages"] == 1 and not untrusted.connected.is_set()
+    finally:
+        broker.stop()
+
+
+def test_run_command_publishes_every_json_line_and_fleet_watch_records_them(
+        broker: Broker, tiny_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from patchcore_edge.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted((tiny_bundle.parent / "nominal").glob("*.png"))[:6]:
+        shutil.copy(source, images / source.name)
+    sub = Subscriber(broker.port, "plant/#")
+    assert sub.subscribed.wait(5)
+    url = f"mqtt://127.0.0.1:{broker.port}/plant"
+    watched = tmp_path / "watch.jsonl"
+    watcher = threading.Thread(target=lambda: CliRunner().invoke(
+        main, ["fleet", "watch", url, "--jsonl", str(watched), "--duration", "6", "--interval", "1"]))
+    watcher.start()
+    time.sleep(1.0)
+    out = tmp_path / "run.jsonl"
+    result = CliRunner().invoke(main, ["run", str(tiny_bundle), str(images), "--backend", "onnxruntime",
+                                       "--threads", "1", "--jsonl", str(out), "--publish", url,
+                                       "--device-id", "line1-board", "--camera", "top",
+                                       "--spool", str(tmp_path / "spool")])
+    assert result.exit_code == 0, result.output
+    local = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sub.wait(lambda m: len(results(m)) >= len(local))
+    sent = results(sub.messages)
+    assert len(sent) == len(local) == 6
+    for mine, theirs in zip(local, sent):
+        assert {k: theirs[k] for k in mine} == mine  # the JSON line's fields, unchanged
+        assert theirs["device"] == "line1-board" and theirs["camera"] == "top" and len(theirs["bundle_id"]) == 12
+    status = [json.loads(p) for t, p, _ in sub.messages if t == "plant/line1-board/status"]
+    assert status[0]["state"] == "online" and status[0]["backend"].startswith("onnxruntime")
+    watcher.join(timeout=20)
+    recorded = [json.loads(line) for line in watched.read_text().splitlines()]
+    assert sum(1 for r in recorded if r["topic"] == "plant/line1-board/top/result") == 6
+    sub.close()
+
+
+def test_fleet_view_rates_dedup_drift_and_silence() -> None:
+    from patchcore_edge.fleet.watch import FleetView
+
+    view = FleetView(silent_after=30)
+    view.handle("p/b1/status", json.dumps({"state": "online", "nominal_quantiles":
+                                           {"q25": 1.0, "q50": 1.5, "q75": 2.0}}).encode(), 0.0)
+    for i in range(40):
+        message = {"message_id": f"r-{i}", "score": 4.0 + 0.01 * i, "anomalous": i % 4 == 0}
+        view.handle("p/b1/cam0/result", json.dumps(message).encode(), 10.0)
+        view.handle("p/b1/cam0/result", json.dumps(message).encode(), 10.0)  # a resend: counted once
+    row = view.render(20.0).splitlines()[1].split()
+    assert row[:4] == ["b1", "online", "40", "25.0"] and "MOVED" in row
+    assert view.render(100.0).splitlines()[1].split()[1] == "SILENT"

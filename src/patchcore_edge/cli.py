@@ -30,6 +30,7 @@ def _register() -> None:
     main.add_command(calibrate_command, "calibrate")
     main.add_command(devices_group, "devices")
     main.add_command(engine_group, "engine")
+    from .fleet.cli import fleet_group; main.add_command(fleet_group, "fleet")  # noqa: E702
 
 
 _register()
