@@ -8,7 +8,7 @@ import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import click
 
@@ -103,7 +103,7 @@ def publish_options(command: Callable[..., Any]) -> Callable[..., Any]:
         fleet = FleetOptions(**{name: kwargs.pop(name) for name in list(names)})
         return command(fleet=fleet, **kwargs)
 
-    options = [
+    options: List[Callable[[Any], Any]] = [
         click.option("--publish", metavar="URL", default=None,
                      help="Publish every decision to mqtt://[user[:pw]@]host[:port]/PREFIX (or mqtts://)."),
         click.option("--device-id", default=None, help="Board name in the topics (default: the host name)."),
