@@ -32,6 +32,7 @@ def _register() -> None:
     from .devices import devices_group, engine_group
     from .eval import eval_command
     from .export import export_command
+    from ..fleet.cli import fleet_group
     from .run import run_command
 
     main.add_command(export_command, "export")
@@ -40,6 +41,7 @@ def _register() -> None:
     main.add_command(calibrate_command, "calibrate")
     main.add_command(devices_group, "devices")
     main.add_command(engine_group, "engine")
+    main.add_command(fleet_group, "fleet")
 
 
 _register()

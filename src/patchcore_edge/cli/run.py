@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from patchcore_edge.bundle import BundleError
+from patchcore_edge.fleet.cli import publish_options
 from patchcore_edge.imageio import ImageReadError
 from patchcore_edge.runtime.outputs import (JsonLinesWriter, MapWriter, OutputError, RunStats,
                                             atomic_write_bytes, error_record, format_summary, MapScale,
@@ -320,11 +321,12 @@ def _write_run_json(outdir: Path, info: Dict[str, Any]) -> None:
 @click.option("--writer-threads", type=click.IntRange(0, 16), default=DEFAULT_WRITER_THREADS,
               show_default=True,
               help="Background threads encoding PNGs (0: encode inline).")
+@publish_options
 def run_command(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: str, batch_size: int,
                 maps: bool, overlays: bool, threads: Optional[int], ef: Optional[int], exact_search: bool,
                 max_frames: Optional[int], jsonl: Optional[Path], recursive: bool,
                 map_range: Optional[Tuple[float, float]], reconnect_retries: int, reconnect_delay: float,
-                read_ahead: int, writer_threads: int) -> None:
+                read_ahead: int, writer_threads: int, fleet: Any) -> None:
     """Score INPUT images with the detector in BUNDLE.
 
     INPUT: image files, folders, globs ("data/*.png", quoted), video files, camera indices (0, 1), GStreamer
@@ -337,7 +339,7 @@ def run_command(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], bac
     try:
         code = _run(bundle, inputs, outdir, backend, batch_size, maps, overlays, threads, ef, exact_search,
                     max_frames, jsonl, recursive, map_range, reconnect_retries, reconnect_delay, read_ahead,
-                    writer_threads, handler)
+                    writer_threads, handler, fleet)
     finally:
         restore()
         log.removeHandler(handler)
@@ -361,7 +363,7 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
          max_frames: Optional[int], jsonl: Optional[Path], recursive: bool,
          map_range: Optional[Tuple[float, float]], reconnect_retries: int, reconnect_delay: float,
          read_ahead_depth: int, writer_threads: int,
-         handler: _StatusAwareHandler) -> int:
+         handler: _StatusAwareHandler, fleet: Any = None) -> int:
     if map_range is not None and not (math.isfinite(map_range[0]) and math.isfinite(map_range[1])
                                       and map_range[1] > map_range[0]):
         raise CannotStart(f"--map-range needs finite LOW < HIGH, got {map_range[0]} {map_range[1]}")
@@ -416,8 +418,10 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
     interrupted = False
     fatal: Optional[str] = None
     records = _InOrder(sink, stats)
+    publisher = fleet.open(detector)  # fleet/: never waits on the network; a no-op without --publish
     frames = read_ahead(iter_frames(plan), read_ahead_depth)
-    scored = score_frames(detector, frames, batch_size=batch_size, maps=maps, keep_images=overlays)
+    scored = score_frames(detector, frames, batch_size=batch_size, maps=maps,
+                          keep_images=overlays or publisher.wants_images)
     progress = None
     try:
         if status is None:
@@ -444,6 +448,7 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
                     records.put(record, None)
                     raise failed
             records.put(record, pending_png)
+            publisher.publish(record, outcome, tag.image)
             if progress is not None:
                 progress.update(1)
             if status is not None:
@@ -468,6 +473,7 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
         if status is not None:
             status.clear()
         handler.status = None
+        publisher.close()
         close = getattr(detector, "close", None)
         if close is not None:
             close()
