@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import onnx_outputs
 from patchcore_edge.methods.padim import PadimArrayError, PadimParams, PadimScorer, precision_factors
 
 PARAMS = PadimParams(d=2, regularisation=0.01, max_condition=1.0, channel_seed=0, channels=(0, 1))
@@ -67,10 +68,10 @@ def test_fit_regularises_and_checks_conditioning(rng: np.random.Generator) -> No
     assert choose_channels(10, 4, seed=3) != choose_channels(10, 4, seed=4)
 
 
-def test_runtime_matches_the_torch_reference_on_bottle(bottle: Path) -> None:
+def test_runtime_matches_the_torch_reference_on_bottle(bottle: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from patchcore_edge.export.methods.padim import build_padim_network, fit_padim, reference_padim_scores
+    from patchcore_edge.export.methods.padim import OUTPUTS, build_padim_network, fit_padim, reference_padim_scores
     from patchcore_edge.export.transform import torch_preprocess
     from patchcore_edge.imageio import read_rgb
     from patchcore_edge.preprocess import InputSpec
@@ -83,7 +84,8 @@ def test_runtime_matches_the_torch_reference_on_bottle(bottle: Path) -> None:
     tests += [read_rgb(p) for p in sorted((bottle / "test" / "good").glob("*.png"))[:3]]
     with torch.no_grad():
         grids = network(torch.stack([torch_preprocess(image, spec) for image in train])).numpy()
-        test_grids = network(torch.stack([torch_preprocess(image, spec) for image in tests])).numpy()
+    batch = torch.stack([torch_preprocess(image, spec) for image in tests]).numpy()
+    test_grids = onnx_outputs(network, spec, batch, OUTPUTS, tmp_path)["features"]  # ONNX Runtime, as on the device
     assert grids.shape[1:] == (8, 8, 16)
     fitted = fit_padim(grids, info["channels"], info["seed"])
     scorer = PadimScorer(fitted.arrays["mean"], fitted.arrays["precision"], fitted.params, spec.crop, 4.0)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import onnx_outputs
 from patchcore_edge.methods.spade import (SpadeArrayError, SpadeParams, SpadeScorer, exact_knn,
                                           leave_one_out_image_scores)
 
@@ -61,10 +62,10 @@ def test_gallery_disagreeing_with_the_manifest_is_refused() -> None:
         scorer.score_batch(np.zeros((1, 4), np.float32), np.zeros((1, 5, 6, 8), np.float32))
 
 
-def test_runtime_matches_the_torch_reference_on_bottle(bottle: Path) -> None:
+def test_runtime_matches_the_torch_reference_on_bottle(bottle: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from patchcore_edge.export.methods.spade import build_spade_network, fit_spade, reference_spade_scores
+    from patchcore_edge.export.methods.spade import OUTPUTS, build_spade_network, fit_spade, reference_spade_scores
     from patchcore_edge.export.transform import torch_preprocess
     from patchcore_edge.imageio import read_rgb
     from patchcore_edge.preprocess import InputSpec
@@ -81,9 +82,9 @@ def test_runtime_matches_the_torch_reference_on_bottle(bottle: Path) -> None:
     scorer = SpadeScorer(fitted.arrays["global_features"], fitted.arrays["gallery"], fitted.params)
     expected = reference_spade_scores(network, tests, spec, fitted.arrays["global_features"],
                                       fitted.arrays["gallery"], fitted.params, sigma=4.0)
-    with torch.no_grad():
-        test_grids, test_pooled = network(torch.stack([torch_preprocess(image, spec) for image in tests]))
-    results = scorer.score_batch(test_pooled.numpy(), test_grids.numpy())
+    batch = torch.stack([torch_preprocess(image, spec) for image in tests]).numpy()
+    outputs = onnx_outputs(network, spec, batch, OUTPUTS, tmp_path)  # the device's features: ONNX Runtime
+    results = scorer.score_batch(outputs["global"], outputs["features"])
     scores = np.array([r.score for r in results])
     assert len(set(np.round(scores, 3))) > 1
     np.testing.assert_allclose(scores, [e.score for e in expected], rtol=1e-4)
