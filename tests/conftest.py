@@ -72,15 +72,15 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def onnx_outputs(network, spec, batch: np.ndarray, names, folder: Path):  # type: ignore[no-untyped-def]
     """Export `network` (one or several outputs, named `names`) to ONNX and run `batch` through ONNX Runtime:
     the runtime's side of a method's parity test."""
+    import warnings
+
     import onnxruntime as ort
     import torch
-
-    import warnings
 
     path = folder / "network.onnx"
     with warnings.catch_warnings():  # the classic exporter's deprecation notice, as in export/onnx_export.py
         warnings.simplefilter("ignore", category=DeprecationWarning)
-            torch.onnx.export(network, (torch.zeros(2, 3, spec.crop, spec.crop),), str(path), input_names=["image"],
+        torch.onnx.export(network, (torch.zeros(2, 3, spec.crop, spec.crop),), str(path), input_names=["image"],
                           output_names=list(names), dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
                           opset_version=17, dynamo=False)
     options = ort.SessionOptions()
