@@ -191,12 +191,12 @@ def rerank_scores(layout: MapLayout, approx: Sequence[np.ndarray], exact_search:
         while True:
             values = layout.location_values(layout.cell_map(distances))
             order = np.argsort(-values, axis=None, kind="stable")
-            best = np.unravel_index(int(order[0]), values.shape)
+            best = tuple(int(v) for v in np.unravel_index(int(order[0]), values.shape))
             if all(e[block].all() for e, block in zip(exact, layout.contributors(*best))):
                 break
             wanted = [np.zeros(d.shape, dtype=bool) for d in distances]
             for flat in order[:top]:
-                for mask, block in zip(wanted, layout.contributors(*np.unravel_index(int(flat), values.shape))):
+                for mask, block in zip(wanted, layout.contributors(*(int(v) for v in np.unravel_index(int(flat), values.shape)))):
                     mask[block] = True
             for k, (mask, known) in enumerate(zip(wanted, exact)):
                 todo = np.flatnonzero(mask & ~known)

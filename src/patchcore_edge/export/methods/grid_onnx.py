@@ -51,7 +51,7 @@ GridRunner = Callable[[np.ndarray], Dict[str, np.ndarray]]
 
 def grid_session(path: Union[str, "os.PathLike[str]"], threads: int = 1) -> GridRunner:
     """An ONNX Runtime CPU session of the file as a function: batch -> {output name: grid}."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped]
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -5,7 +5,7 @@ Maps of the three scales summed; image score the maximum over 8x8 windows (strid
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -37,8 +37,9 @@ class MultiscaleModel(nn.Module):
         which = np.repeat(np.arange(batch), patches_per_image)
         losses: Dict[str, torch.Tensor] = {}
         total = images.new_zeros(())
-        for key, encoder in self.encoders.items():
-            kernel = encoder.kernel
+        for key, module in self.encoders.items():
+            encoder: Any = module  # an encoder of patch_encoders (ModuleDict types its items as Module)
+            kernel = int(encoder.kernel)
             anchor, near, far = near_far_triplets(rng, n, height, width, kernel)
             first, second, labels = angle_pairs(rng, n, height, width, kernel)
             positions = (anchor, near, far, first, second)

@@ -11,7 +11,7 @@ small encoder and encodes the four codes again; over a whole image the four part
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -125,7 +125,7 @@ class EmbeddingGrids(nn.Module):
     """The exported graph: normalised image [B, 3, H, W] -> one channels-last embedding grid per scale,
     [B, h, w, D] with the patches `stride` pixels apart (h = (H - kernel) / stride + 1)."""
 
-    def __init__(self, encoders: Sequence[nn.Module], strides: Sequence[int]) -> None:
+    def __init__(self, encoders: Sequence[Any], strides: Sequence[int]) -> None:
         super().__init__()
         if len(encoders) != len(strides) or not encoders:
             raise ValueError("need one inference stride per encoder")

@@ -5,7 +5,7 @@ multiplied, image score their maximum."""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ class PatchSVDDModel(nn.Module):
         n = batch * patches_per_image
         which = np.repeat(np.arange(batch), patches_per_image)
         losses: Dict[str, torch.Tensor] = {}
-        for key, encoder in self.encoders.items():
-            kernel = encoder.kernel
+        for key, module in self.encoders.items():
+            encoder: Any = module  # an encoder of patch_encoders (ModuleDict types its items as Module)
+            kernel = int(encoder.kernel)
             anchor, near = svdd_pairs(rng, n, height, width, kernel)
             first, second, labels = neighbour_pairs(rng, n, height, width, kernel)
             patches = torch.cat([crop_patches(images, which, p, kernel) for p in (anchor, near, first, second)])

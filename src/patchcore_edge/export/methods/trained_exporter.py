@@ -4,7 +4,7 @@ fully convolutional embedding-grid network, and fit the per-scale memory banks."
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ import torch
 from ...methods.patch_maps import Scale, Window, to_params
 from .patch_bank import Log, fit_banks
 from .patch_encoders import EmbeddingGrids
-from .training import OnStep, TrainedOptions, TrainRecord, train
+from .training import OnStep, Trainable, TrainedOptions, TrainRecord, train
 
 
 class TrainedPatchMethod(abc.ABC):
@@ -36,7 +36,7 @@ class TrainedPatchMethod(abc.ABC):
     def grids(self, model: torch.nn.Module) -> EmbeddingGrids:
         """The exported network of the trained model's encoders (`model.encoders` keyed by kernel), outputs in
         `scales` order."""
-        encoders = model.encoders  # type: ignore[union-attr]
+        encoders: Any = model.encoders
         return EmbeddingGrids([encoders[str(s.kernel)] for s in self.scales], [s.stride for s in self.scales])
 
     def train_network(self, images: np.ndarray, options: TrainedOptions,
@@ -44,7 +44,7 @@ class TrainedPatchMethod(abc.ABC):
         """Train on normalised images [N, 3, H, W] (seeded); the grid network comes back on the CPU, eval."""
         torch.manual_seed(options.schedule.seed)
         model = self.build_model(options).to(options.device)
-        record = train(model, images, options.schedule, device=options.device, checkpoint=options.checkpoint,
+        record = train(cast(Trainable, model), images, options.schedule, device=options.device, checkpoint=options.checkpoint,
                        on_step=on_step)
         network = self.grids(model.cpu()).eval()
         return network, record
