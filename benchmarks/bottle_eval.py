@@ -114,7 +114,7 @@ def evaluate_one(bundle: Path, data: Path, search: str, pixel_size: Optional[int
         if callable(getattr(detector, "close", None)):
             detector.close()
     seconds = time.perf_counter() - start
-    run.ef = int(detector.manifest["index"]["ef"])
+    run.ef = int(detector.bundle.method.params["index"]["ef"])
     run.metrics[search] = {m: report["metrics"][m] for m in METRICS}
     run.per_defect[search] = [{"defect": d["defect"], **{m: d[m] for m in METRICS}}
                               for d in report["per_defect"]]

@@ -11,7 +11,11 @@ What it measures (results: benchmarks/results/coreset.md):
      agreement with the emulation used in 2); with --anomalib-images K: that loop, complete, on K images;
   5. with --big N: N patches (bottle features tiled, plus small seeded noise so no two coincide), to show
      memory bounded by the N x D features plus O(N);
-  6. with --worst: isotropic Gaussian noise (no structure, where the triangle inequality prunes little).
+  6. with --worst: isotropic Gaussian noise (no structure, where the triangle inequality prunes little);
+  7. `scale` (issue 14): exact vs partitioned greedy (export/coreset_cells.py) on the default extractor's 96-d
+     features of bottle and of 766 ELPV cells (600,544 patches), and with --dask-big N the partitioned greedy
+     on a 2-worker Dask LocalCluster against one process, e.g.
+     `python benchmarks/coreset_bench.py scale --sets bottle,elpv --cells auto,10,40 --runs 3 --radius`.
 
 Run from the repository root:
     python benchmarks/coreset_bench.py --runs 3 --plain --anomalib-steps 300 --anomalib-images 20 \
@@ -78,6 +82,58 @@ def bottle_features(cache: Path) -> Tuple[np.ndarray, str]:
     np.save(path, features, allow_pickle=False)
     note.write_text(f"{source}; {len(paths)} images\n")
     return features, source
+
+
+def extractor_features(paths: List[Path], path: Path, dim_note: str) -> np.ndarray:
+    """[len(paths)*784, 96] float32 patch features from the default extractor (mobilenet_v2 features.6 +
+    features.10, 96 dims), computed once and cached as .npy under /tmp."""
+    if path.exists():
+        return np.load(path, allow_pickle=False, mmap_mode="r")
+    import torch
+
+    torch.set_num_threads(1)
+    from patchcore_edge.export.features import build_extractor
+    from patchcore_edge.imageio import read_rgb
+    from patchcore_edge.preprocess import InputSpec, preprocess
+
+    spec = InputSpec()
+    extractor, _ = build_extractor("mobilenet_v2", None, spec)
+    out: Optional[np.ndarray] = None
+    row = 0
+    with torch.no_grad():
+        for i in range(0, len(paths), 16):
+            batch = np.stack([preprocess(read_rgb(p), spec) for p in paths[i:i + 16]])
+            grid = extractor(torch.from_numpy(batch)).reshape(-1, 96).numpy()
+            if out is None:
+                per_image = grid.shape[0] // len(batch)
+                out = np.empty((per_image * len(paths), grid.shape[1]), dtype=np.float32)
+            out[row:row + grid.shape[0]] = grid
+            row += grid.shape[0]
+    assert out is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.npy")
+    np.save(tmp, out, allow_pickle=False)
+    os.replace(tmp, path)
+    path.with_suffix(".txt").write_text(f"default mobilenet_v2 extractor (96 dims); {len(paths)} images; {dim_note}\n")
+    return out
+
+
+def elpv_paths(count: int) -> List[Path]:
+    """The first `count` ELPV cell images (PyPI elpv-dataset) in name order."""
+    import elpv_dataset
+
+    folder = Path(elpv_dataset.__file__).parent / "data" / "images"
+    return sorted(folder.glob("*.png"))[:count]
+
+
+def scale_features(cache: Path, kind: str) -> np.ndarray:
+    """Real 96-d patch sets: 'elpv' = 766 ELPV cells (600,544 patches), 'bottle' = bottle train/good (163,856)."""
+    if kind == "elpv":
+        return extractor_features(elpv_paths(766), cache / "elpv766_mobilenet_v2_96.npy", "ELPV cells")
+    from patchcore_edge.imageio import list_images
+
+    paths, _ = list_images(DATA)
+    return extractor_features(paths, cache / "bottle_train_mobilenet_v2_96.npy", "bottle train/good")
 
 
 def _own_extractor() -> Any:
@@ -404,6 +460,62 @@ def main(args: argparse.Namespace) -> None:
         print(f"raw report written to {RESULTS.with_suffix('.md.tmp')}")
 
 
+# ----------------------------------------------------------------------------------- scale: issue 14
+
+
+def scale(args: argparse.Namespace) -> None:
+    """Exact vs partitioned greedy on real 96-d sets (bottle, 600k ELPV patches), and the Dask path on a
+    2-worker LocalCluster against one process on --dask-big synthetic patches. One JSON line per result."""
+    from patchcore_edge.export.coreset import coverage_radius, greedy_coreset
+    from patchcore_edge.export.coreset_cells import partitioned_greedy
+
+    def emit(record: Dict[str, Any]) -> None:
+        record["load"] = os.getloadavg()[0]
+        print(json.dumps(record), flush=True)
+
+    for kind in args.sets:
+        features = np.ascontiguousarray(scale_features(CACHE, kind))
+        n = features.shape[0]
+        size = int(round(args.ratio * n))
+        for method in args.methods:
+            cells_list = [None] if method == "exact" else args.cells
+            for cells in cells_list:
+                times, cpu, result = [], [], None
+                for _ in range(args.runs):
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    if method == "exact":
+                        indices, bound = greedy_coreset(features, size), None
+                    else:
+                        result = partitioned_greedy(features, size, cells=cells)
+                        indices, bound = result.indices, result.radius_bound
+                    times.append(time.perf_counter() - start)
+                    cpu.append(time.process_time() - cpu_start)
+                start = time.perf_counter()
+                radius = coverage_radius(features, indices) if args.radius else None
+                emit({"set": kind, "n": n, "size": size, "method": method, "cells": None if result is None
+                      else result.cells, "reruns": None if result is None else result.reruns,
+                      "seconds": times, "median": statistics.median(times), "cpu_seconds": cpu,
+                      "radius": radius,
+                      "radius_seconds": time.perf_counter() - start if args.radius else None, "bound": bound})
+    if args.dask_big:
+        from patchcore_edge.export.distributed import dask_client, dask_runner
+
+        big = synthetic_big(np.ascontiguousarray(scale_features(CACHE, "bottle")), args.dask_big)
+        size = int(round(args.ratio * len(big)))
+        start = time.perf_counter()
+        local = partitioned_greedy(big, size)
+        one = time.perf_counter() - start
+        emit({"set": f"bottle96 x noise {len(big)}", "method": "partitioned, one process", "seconds": [one],
+              "cells": local.cells, "reruns": local.reruns, "bound": local.radius_bound})
+        with dask_client("local", workers=2) as client:
+            start = time.perf_counter()
+            remote = partitioned_greedy(big, size, runner=dask_runner(client))
+            two = time.perf_counter() - start
+        emit({"set": f"bottle96 x noise {len(big)}", "method": "partitioned, Dask LocalCluster 2x1",
+              "seconds": [two], "cells": remote.cells, "bound": remote.radius_bound,
+              "same_indices": bool(np.array_equal(local.indices, remote.indices))})
+
+
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -415,6 +527,15 @@ def parse() -> argparse.Namespace:
     w.add_argument("--projection-dim", type=int, default=128)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--save", type=Path, default=None)
+    sc = sub.add_parser("scale", help="exact vs partitioned greedy on 96-d real sets, Dask vs one process")
+    sc.add_argument("--sets", type=lambda v: v.split(","), default=["bottle", "elpv"])
+    sc.add_argument("--methods", type=lambda v: v.split(","), default=["partitioned"])
+    sc.add_argument("--cells", type=lambda v: [None if c == "auto" else int(c) for c in v.split(",")],
+                    default=[None])
+    sc.add_argument("--runs", type=int, default=3)
+    sc.add_argument("--ratio", type=float, default=0.1)
+    sc.add_argument("--radius", action="store_true", help="measure the exact coverage radius (slow at 600k)")
+    sc.add_argument("--dask-big", type=int, default=0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--plain", action="store_true", help="also run the plain loop once (~100 s or more)")
@@ -434,5 +555,7 @@ if __name__ == "__main__":
     arguments = parse()
     if arguments.command == "worker":
         worker(arguments)
+    elif arguments.command == "scale":
+        scale(arguments)
     else:
         main(arguments)

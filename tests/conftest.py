@@ -67,3 +67,23 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     options = ExportOptions(nominal_dir=nominal, output=root / "bundle", resize=72, crop=64, coreset_ratio=0.25,
                             engine=False)
     return export_bundle(options).bundle
+
+
+def onnx_outputs(network, spec, batch: np.ndarray, names, folder: Path):  # type: ignore[no-untyped-def]
+    """Export `network` (one or several outputs, named `names`) to ONNX and run `batch` through ONNX Runtime:
+    the runtime's side of a method's parity test."""
+    import warnings
+
+    import onnxruntime as ort
+    import torch
+
+    path = folder / "network.onnx"
+    with warnings.catch_warnings():  # the classic exporter's deprecation notice, as in export/onnx_export.py
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        torch.onnx.export(network, (torch.zeros(2, 3, spec.crop, spec.crop),), str(path), input_names=["image"],
+                          output_names=list(names), dynamic_axes={n: {0: "batch"} for n in ["image", *names]},
+                          opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return dict(zip(names, session.run(list(names), {"image": batch.astype(np.float32)})))

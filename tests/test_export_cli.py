@@ -4,6 +4,7 @@ complete and true to the files, too few images and an existing bundle are refuse
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import List
 
@@ -96,9 +97,14 @@ def test_existing_bundle_is_kept_without_force_and_replaced_with_it(tiny_bundle:
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    for force in ([], ["--force"]):  # a folder that is not a bundle is never replaced, not even with --force
+        refused = CliRunner().invoke(main, ["export", str(folder), "-o", str(out), *SMALL, *force])
+        assert refused.exit_code != 0 and "not a patchcore-edge bundle" in refused.output
+        assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    shutil.copytree(tiny_bundle, out, dirs_exist_ok=True)
     refused = CliRunner().invoke(main, ["export", str(folder), "-o", str(out), *SMALL])
     assert refused.exit_code != 0 and "--force" in refused.output
-    assert (out / "keep.txt").read_text() == "mine"
 
     replaced = _export([str(folder), "-o", str(out), "--force"])
     assert replaced.exit_code == 0, replaced.output

@@ -12,16 +12,20 @@ from patchcore_edge.bundle import read_manifest
 from patchcore_edge.export.heldout import leave_one_image_out_scores
 
 
-def _brute_force(features: np.ndarray, per_image: int, selected: np.ndarray, neighbours: np.ndarray,
-                 image: int) -> float:
-    bank = features[selected].astype(np.float64)
+def _brute_force(features: np.ndarray, per_image: int, selected: np.ndarray, b: int, image: int) -> float:
+    """The leave-one-out score from first principles: drop the image's rows, then PatchCore eq. 6-7 on what is left
+    (nearest row, its b nearest rows in the reduced bank, softmax weight), all in float64 by direct differences."""
+    kept = selected[selected // per_image != image]
+    bank = features[kept].astype(np.float64)
     patches = features[image * per_image:(image + 1) * per_image].astype(np.float64)
     distances = np.linalg.norm(patches[:, None] - bank[None], axis=2)
-    distances[:, selected // per_image == image] = np.inf
     worst = int(distances.min(axis=1).argmax())
     nearest = int(distances[worst].argmin())
-    support = np.linalg.norm(patches[worst] - bank[neighbours[nearest]], axis=1)
-    softmax = np.exp(support - support.max())
+    around = np.linalg.norm(bank - bank[nearest], axis=1)
+    support = np.argsort(around, kind="stable")[:b]
+    assert support[0] == nearest
+    to_support = np.linalg.norm(patches[worst] - bank[support], axis=1)
+    softmax = np.exp(to_support - to_support.max())
     return float((1.0 - softmax[0] / softmax.sum()) * distances[worst, nearest])
 
 
@@ -33,7 +37,7 @@ def test_scores_equal_a_brute_force_leave_one_out(rng: np.random.Generator) -> N
     scores = leave_one_image_out_scores(features, per_image, selected, features[selected], neighbours,
                                         max_images=6)
     chosen = np.unique(np.linspace(0, images - 1, 6).round().astype(int))
-    expected = [_brute_force(features, per_image, selected, neighbours, int(i)) for i in chosen]
+    expected = [_brute_force(features, per_image, selected, 5, int(i)) for i in chosen]
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
 
 

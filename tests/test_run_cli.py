@@ -111,6 +111,7 @@ def test_calibrated_run_decides_and_writes_masks(tiny_bundle: Path, parts_folder
     detector = Detector.load(bundle, backend="onnxruntime", threads=1)
     good = [detector.predict(read_rgb(parts_folder / "good" / n)) for n in ("a.png", "b.png")]
     bad = detector.predict(read_rgb(parts_folder / "bad" / "c.png"))
+    scored_with = detector.scored_with  # the set-up `run` below uses: the calibration applies to it
     detector.close()
     threshold = float(np.sqrt(max(r.score for r in good) * bad.score))  # between the two, on a log scale
     pixel = float(np.sqrt(max(float(r.anomaly_map.max()) for r in good) * float(bad.anomaly_map.max())))
@@ -121,7 +122,8 @@ def test_calibrated_run_decides_and_writes_masks(tiny_bundle: Path, parts_folder
                                guaranteed_false_alarm_rate=0.78, expected_false_alarm_rate=0.33,
                                empirical_false_alarm_rate=0.0),
         pixel=PixelCalibration(threshold=pixel, min_defect_area=1, method="manual"),
-        nominal_scores={"q25": good[0].score, "q50": good[0].score, "q75": good[1].score})
+        nominal_scores={"q25": good[0].score, "q50": good[0].score, "q75": good[1].score},
+        scored_with=scored_with)
     write_calibration(Bundle.load(bundle), calibration)
     (parts_folder / "good" / "broken.png").unlink()
 

@@ -258,3 +258,93 @@ def test_invalid_patches_never_score(world: Tuple[np.ndarray, np.ndarray, np.ran
     assert unmasked.max_distance > 10 * masked.max_distance
     (nothing,) = image_scores(features[None], search, neighbours, rerank=4, valid=np.zeros((1, 64), bool))
     assert nothing.score == 0.0 and nothing.max_distance == 0.0
+
+
+def _tied_world(seed: int = 7):
+    """Images whose farthest patch p* has two bank rows at the same distance up to a few ulps (p* + s u and
+    p* - s u), one inside a tight cluster of rows (low weight) and one among spread rows (high weight)."""
+    rng = np.random.default_rng(seed)
+    dim, b, images, per_image = 16, 5, 6, 20
+    rows = [rng.normal(scale=1.0, size=(300, dim))]
+    patches = []
+    for _ in range(images):
+        p_star = rng.normal(scale=6.0, size=dim)
+        u = rng.normal(size=dim)
+        u /= np.linalg.norm(u)
+        s = 2.0
+        tight, spread = p_star + s * u, p_star - s * u
+        cluster = []
+        for centre, radius in ((tight, 0.05), (spread, 1.5)):
+            for _ in range(b - 1):
+                d = rng.normal(size=dim)
+                d -= d.dot(u) * u  # orthogonal to u: farther from p* than the centre row
+                cluster.append(centre + radius * d / np.linalg.norm(d))
+        pair = [tight, spread] if rng.random() < 0.5 else [spread, tight]
+        rows.append(np.array(pair + cluster))
+        others = rows[0][rng.integers(0, 300, per_image - 1)] + rng.normal(scale=0.01, size=(per_image - 1, dim))
+        image = np.vstack([others, p_star])
+        patches.append(image[rng.permutation(per_image)])
+    return (np.vstack(rows).astype(np.float32), np.array(patches, dtype=np.float32), b)
+
+
+def test_tied_nearest_rows_give_one_score_in_every_mode() -> None:
+    bank, patches, b = _tied_world()
+    neighbours = bank_neighbours(bank, b)
+    index = build_index(bank, m=8, ef_construction=40)
+    modes = [PatchSearch(bank, None)] + [PatchSearch(bank, index, ef=ef, threads=1) for ef in (1, 4, 32, 400)]
+    reference = image_scores(patches, modes[0], neighbours)
+    weights = []
+    for search in modes:
+        for batch in (1, 2, len(patches)):
+            got = [s for start in range(0, len(patches), batch)
+                   for s in image_scores(patches[start:start + batch], search, neighbours)]
+            for ref, score in zip(reference, got):
+                assert (score.score, score.max_distance, score.argmax, score.nearest_bank_index) == \
+                    (ref.score, ref.max_distance, ref.argmax, ref.nearest_bank_index)
+        weights.append([s.weight for s in got])
+    # The ties matter: the two candidate rows give weights that differ by far more than rounding.
+    for ref, image in zip(reference, patches):
+        p = image[ref.argmax]
+        d = np.linalg.norm(bank.astype(np.float64) - p, axis=1)
+        tied = np.flatnonzero(d <= d.min() * (1 + 1e-6))
+        assert tied.size == 2
+        w = [reweight(np.linalg.norm(bank[neighbours[t]].astype(np.float64) - p, axis=1)) for t in tied]
+        assert abs(w[0] - w[1]) > 0.01 * max(w)
+        # The rule: lowest row number among the smallest direct distance.
+        direct = np.sqrt(((p - bank[tied]) ** 2).sum(1, dtype=np.float32))
+        assert ref.nearest_bank_index == int(tied[direct == direct.min()].min())
+
+
+def test_calibrated_masks_equal_exact_search_at_any_ef(
+        world: Tuple[np.ndarray, np.ndarray, np.random.Generator]) -> None:
+    from patchcore_edge.maps import map_reach_cells
+
+    bank, centres, _ = world
+    rng = np.random.default_rng(11)
+    grid, crop, sigma = (14, 14), 112, 4.0
+    neighbours = bank_neighbours(bank, 5)
+    poor = build_index(bank, m=4, ef_construction=8)  # recall@1 about 0.3 at ef 2: many over-estimates
+    images = []
+    for _ in range(4):
+        patches = clustered(rng, 196, 16, centres, 0.6).reshape(14, 14, 16)
+        top, left = rng.integers(0, 10, 2)
+        patches[top:top + 4, left:left + 4] += rng.normal(scale=1.5, size=(4, 4, 16)).astype(np.float32)
+        images.append(patches.reshape(196, 16))
+    features = np.array(images, dtype=np.float32)
+    exact_maps = [anomaly_map(s.patch_distances.reshape(grid), crop, sigma)
+                  for s in image_scores(features, PatchSearch(bank, None), neighbours)]
+    level = float(np.median([np.quantile(m, 0.85) for m in exact_maps]))
+    reach = map_reach_cells(grid, crop, sigma)
+    moved_without_rule = 0
+    for ef in (1, 2, 8):
+        search = PatchSearch(bank, poor, ef=ef, threads=1)
+        plain = image_scores(features, search, neighbours)
+        checked = image_scores(features, search, neighbours, exact_above=level, grid=grid, reach=reach)
+        for exact_map, p, c in zip(exact_maps, plain, checked):
+            expected = exact_map > level
+            assert np.array_equal(anomaly_map(c.patch_distances.reshape(grid), crop, sigma) > level, expected)
+            moved_without_rule += int(np.count_nonzero(
+                (anomaly_map(p.patch_distances.reshape(grid), crop, sigma) > level) != expected))
+            assert c.score == p.score  # the image score never needed the rule
+    # What the rule is for: without it (the behaviour before) the masks move with ef.
+    assert moved_without_rule > 0

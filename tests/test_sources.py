@@ -296,3 +296,16 @@ def test_read_ahead_is_bounded_and_stops_when_closed() -> None:
     count = len(produced)
     gate.wait(0.3)
     assert len(produced) == count
+
+
+def test_glob_with_dotdot_keeps_output_names_inside_the_output_folder(tmp_path: Path) -> None:
+    import cv2
+
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    assert cv2.imwrite(str(tmp_path / "x" / "p.png"), np.zeros((4, 4, 3), np.uint8))
+    plan = plan_inputs([str(tmp_path / "in" / "*" / ".." / ".." / "x" / "*.png")])
+    names = [key.name for key, _ in iter_frames(plan)]
+    assert names and all(".." not in name.split("/") for name in names)
+    out = tmp_path / "out"
+    assert all((out / name).resolve().is_relative_to(out.resolve()) for name in names)

@@ -7,16 +7,19 @@ existing bundle is changed by writing new files first and replacing manifest.jso
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,6 +41,56 @@ ARRAY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8")
 
 class BundleError(Exception):
     """A bundle that cannot be used; the message names the file and what to do."""
+
+
+# JSON nesting a bundle's files may have: the manifest needs 5 levels; deeper is damage or an attack (Python's
+# json raises RecursionError near 1000, which would surface as a traceback).
+MAX_JSON_DEPTH = 32
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a bundle may hold")
+
+
+def strict_json_loads(text: str, where: os.PathLike | str) -> Any:
+    """Parse a bundle's JSON file: NaN/Infinity and nesting deeper than MAX_JSON_DEPTH are refused (ValueError
+    naming the file); JSON itself allows the first and Python's parser crashes on the second."""
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
+    except ValueError as error:
+        raise ValueError(f"{where}: not valid JSON ({error})") from None
+    if not _depth_ok(data, MAX_JSON_DEPTH):
+        raise ValueError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_permissions(path: Path, folder: bool) -> None:
+    """mkdtemp/mkstemp create owner-only (0700/0600) paths; a bundle is read by a service user too, so it gets
+    the permissions any file gets under the user's umask."""
+    try:
+        os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+    except OSError:
+        pass
 
 
 def sha256_file(path: os.PathLike | str) -> str:
@@ -64,13 +117,20 @@ def _fsync_dir(folder: Path) -> None:
 def write_file_atomic(path: os.PathLike | str, data: bytes) -> None:
     """Write bytes to path through a temporary file in the same folder and a rename."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        raise BundleError(f"{target}: cannot write ({error.strerror or error})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _ordinary_permissions(Path(tmp), folder=False)
         os.replace(tmp, target)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise BundleError(f"{target}: cannot write ({error.strerror or error}); the bundle is unchanged") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -101,11 +161,20 @@ def _get(manifest: Mapping[str, Any], key: str, kind: type | tuple, bundle_dir: 
     return value
 
 
-def _positive_int(section: Mapping[str, Any], key: str, bundle_dir: Path, where: str) -> int:
+# Upper bound of every integer field (sizes, counts, breadths): far above any real bundle, far below overflow.
+MAX_COUNT = 1 << 31
+
+
+def _positive_int(section: Mapping[str, Any], key: str, bundle_dir: Path, where: str,
+                  maximum: int = MAX_COUNT) -> int:
     value = section.get(key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, bundle_dir,
-             f"{where}.{key} must be a positive integer, got {value!r}")
-    return int(value)
+    _require(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= maximum, bundle_dir,
+             f"{where}.{key} must be an integer from 1 to {maximum}, got {value!r}")
+    return value if isinstance(value, int) else 0  # always the int: _require raised otherwise
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(float(value))
 
 
 def _safe_name(name: Any, bundle_dir: Path) -> str:
@@ -123,6 +192,22 @@ def _validate_common(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
     layers = _get(manifest, "layers", list, bundle_dir)
     _require(all(isinstance(x, str) for x in layers), bundle_dir, "layers must be names")
     spec = _get(manifest, "input", dict, bundle_dir)
+    if "size" in spec:  # [width, height]; format 1 and square inputs also record `crop`
+        size = spec.get("size")
+        _require(isinstance(size, list) and len(size) == 2
+                 and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in size),
+                 bundle_dir, f"input.size must be [width, height], integers from 1 to 4096, got {size!r}")
+        crop = max(size)
+        _require("crop" not in spec or spec.get("crop") == size[0] == size[1], bundle_dir,
+                 f"input.crop {spec.get('crop')!r} disagrees with input.size {size!r} (crop is a square size)")
+    else:
+        crop = _positive_int(spec, "crop", bundle_dir, "input", maximum=4096)  # not 224.9 or "224": never truncated
+    # Shorter side at most 8 crops: beyond that an image is blown up to gigabytes before the crop is taken.
+    _positive_int(spec, "resize", bundle_dir, "input", maximum=min(4096, 8 * crop))
+    for key in ("mean", "std"):
+        values = spec.get(key)
+        _require(isinstance(values, list) and len(values) == 3 and all(_finite(v) and abs(v) <= 1e6 for v in values),
+                 bundle_dir, f"input.{key} must be three finite numbers, got {values!r}")
     from .preprocess import InputSpec  # local: keeps bundle.py importable on its own
 
     try:
@@ -130,24 +215,26 @@ def _validate_common(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(f"{bundle_dir / MANIFEST}: input section is invalid ({error})") from None
     features = _get(manifest, "features", dict, bundle_dir)
-    _positive_int(features, "dim", bundle_dir, "features")
-    _positive_int(features, "stride", bundle_dir, "features")
+    _positive_int(features, "dim", bundle_dir, "features", maximum=65536)
+    _positive_int(features, "stride", bundle_dir, "features", maximum=crop)
     grid = features.get("grid")
-    _require(isinstance(grid, list) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid),
-             bundle_dir, f"features.grid must be [h, w], got {grid!r}")
+    _require(isinstance(grid, list) and len(grid) == 2
+             and all(isinstance(g, int) and not isinstance(g, bool) and 0 < g <= crop for g in grid),
+             bundle_dir, f"features.grid must be [h, w], each 1 to the crop ({crop}), got {grid!r}")
     for key in ("input_name", "output_name"):
         _require(isinstance(features.get(key), str), bundle_dir, f"features.{key} missing")
     _safe_name(features.get("onnx_file"), bundle_dir)
     score = _get(manifest, "score", dict, bundle_dir)
     sigma = score.get("gaussian_sigma")
-    _require(isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and sigma >= 0, bundle_dir,
-             "score.gaussian_sigma must be >= 0")
+    _require(_finite(sigma) and 0 <= sigma <= crop, bundle_dir,
+             f"score.gaussian_sigma must be a number from 0 to the crop ({crop}), got {sigma!r}")
 
     files = _get(manifest, "files", dict, bundle_dir)
     for name, record in files.items():
         _safe_name(name, bundle_dir)
         _require(isinstance(record, dict) and isinstance(record.get("sha256"), str)
-                 and len(record["sha256"]) == 64 and isinstance(record.get("bytes"), int), bundle_dir,
+                 and len(record["sha256"]) == 64 and isinstance(record.get("bytes"), int)
+                 and not isinstance(record["bytes"], bool) and 0 <= record["bytes"] <= 1 << 40, bundle_dir,
                  f"files[{name!r}] needs sha256 and bytes")
     _require(features["onnx_file"] in files, bundle_dir, f"required file {features['onnx_file']} is not listed")
     engines = manifest.get("engines", [])
@@ -155,6 +242,12 @@ def _validate_common(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
     for entry in engines:
         _require(isinstance(entry, dict) and _safe_name(entry.get("file"), bundle_dir) in files, bundle_dir,
                  f"engine entry {entry!r} names a file that is not listed")
+    training = manifest.get("training_images")
+    if training is not None:
+        _require(isinstance(training, dict), bundle_dir, "training_images must be an object")
+        name = training.get("file")
+        _require(name is None or _safe_name(name, bundle_dir) in files, bundle_dir,
+                 f"training_images.file names {name!r}, which is not listed")
     calibration = manifest.get("calibration")
     if calibration is not None:
         _require(isinstance(calibration, dict) and _safe_name(calibration.get("file"), bundle_dir) in files,
@@ -279,15 +372,21 @@ def read_manifest(bundle_dir: os.PathLike | str, verify_files: bool = True) -> D
     folder = Path(bundle_dir)
     path = folder / MANIFEST
     if not folder.is_dir():
+        aside = [p for p in leftovers(folder.absolute()) if ".old-" in p.name]
+        if aside:
+            raise BundleError(f"{folder}: no such bundle folder; an interrupted export left the previous bundle at "
+                              f"{aside[-1]}: rename it back to {folder.name}")
         raise BundleError(f"{folder}: no such bundle folder")
     if not path.is_file():
         raise BundleError(f"{path}: missing; {folder} is not a bundle (or its export was interrupted): export it again")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{path}: too large to be a manifest")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BundleError(f"{path}: not valid JSON ({error}); restore it from the exported bundle") from None
+        manifest = strict_json_loads(path.read_text(encoding="utf-8"), path)
+    except UnicodeDecodeError:
+        raise BundleError(f"{path}: not UTF-8 text; restore it from the exported bundle") from None
+    except ValueError as error:
+        raise BundleError(f"{error}; restore it from the exported bundle") from None
     manifest = validate_manifest(manifest, folder)
     if verify_files:
         check_files(folder, manifest)
@@ -319,11 +418,9 @@ def write_new_bundle(target: os.PathLike | str, build: Callable[[Path], Dict[str
     is replaced (moved aside first, deleted after the new one is in place).
     """
     target = Path(target).resolve()
-    if target.exists() and not force:
-        raise BundleError(f"{target}: already exists; pass --force to overwrite it or choose another output folder")
-    if target.exists() and not target.is_dir():
-        raise BundleError(f"{target}: exists and is not a folder")
+    check_replaceable(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
+    report_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         manifest = build(staging)
@@ -332,11 +429,20 @@ def write_new_bundle(target: os.PathLike | str, build: Callable[[Path], Dict[str
                              and p.name != MANIFEST}
         validate_manifest(manifest, staging)
         write_file_atomic(staging / MANIFEST, manifest_bytes(manifest))
+        for path in staging.iterdir():
+            if path.is_file():
+                _ordinary_permissions(path, folder=False)
+        _ordinary_permissions(staging, folder=True)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{int(time.time() * 1000)}"
             os.replace(target, old)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)  # put the previous bundle back before reporting the failure
+            raise
         _fsync_dir(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -344,6 +450,66 @@ def write_new_bundle(target: os.PathLike | str, build: Callable[[Path], Dict[str
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def is_our_bundle(folder: Path) -> bool:
+    """A folder whose manifest.json says it is a patchcore-edge bundle (its files may be damaged)."""
+    try:
+        manifest = strict_json_loads((folder / MANIFEST).read_text(encoding="utf-8"), folder / MANIFEST)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+
+
+def check_replaceable(target: Path, force: bool) -> None:
+    """Refuse, with the reason, to put a bundle where something that is not ours would be lost.
+
+    --force replaces only a bundle (a folder with a manifest.json of ours) or an empty folder: a folder of
+    training images, a home directory or a file is never deleted.
+    """
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir():
+        raise BundleError(f"{target}: exists and is not a folder; choose another output folder")
+    empty = not any(target.iterdir())
+    if empty:
+        return
+    if not is_our_bundle(target):
+        raise BundleError(f"{target}: exists and is not a patchcore-edge bundle (no manifest.json of ours); "
+                          "it is never replaced, even with --force: choose another output folder")
+    if not force:
+        raise BundleError(f"{target}: already exists; pass --force to overwrite it or choose another output folder")
+
+
+def leftovers(target: Path) -> List[Path]:
+    """Hidden `.NAME.staging-*` / `.NAME.old-*` folders an interrupted export left beside `target`."""
+    parent = Path(target).parent
+    if not parent.is_dir():
+        return []
+    prefix = f".{Path(target).name}."
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix)
+                  and (p.name[len(prefix):].startswith("staging-") or p.name[len(prefix):].startswith("old-")))
+
+
+# A staging folder untouched for this long belongs to an export that was killed, not one still running.
+STALE_STAGING_S = 3600.0
+
+
+def report_leftovers(target: Path) -> None:
+    """Clean up what an interrupted export left (stale staging folders; an old bundle superseded by a valid one),
+    and report, with its path, a previous bundle a kill left moved aside while the target is missing."""
+    log = logging.getLogger("patchcore_edge")
+    for path in leftovers(target):
+        if ".old-" in path.name and not target.exists() and is_our_bundle(path):
+            log.warning("%s: an interrupted export left the previous bundle here; %s is missing (rename it back "
+                        "to keep it)", path, target)
+            continue
+        if ".staging-" in path.name and time.time() - path.stat().st_mtime < STALE_STAGING_S:
+            log.warning("%s: another export may be writing here (staging folder younger than an hour); left "
+                        "alone", path)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by an interrupted export", path)
 
 
 def update_bundle(bundle_dir: os.PathLike | str, new_files: Mapping[str, bytes],
@@ -378,6 +544,50 @@ def update_bundle(bundle_dir: os.PathLike | str, new_files: Mapping[str, bytes],
         if name not in new_files:
             (folder / name).unlink(missing_ok=True)
     return edited
+
+
+LOCK_FILE = ".patchcore-edge.lock"
+
+
+@contextmanager
+def bundle_lock(bundle_dir: os.PathLike | str, job: str, wait_s: float = 30.0) -> Iterator[None]:
+    """Hold the bundle's lock while `job` changes it: a second calibration of the same bundle fails at once with
+    a message instead of silently dropping the first one's file from the manifest. The lock file is removed
+    on release (a kill leaves it unlocked: flock locks die with their process). Waits up to wait_s first."""
+    path = Path(bundle_dir) / LOCK_FILE
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise BundleError(f"{path}: cannot create the lock file ({error.strerror or error})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            raise BundleError(f"{Path(bundle_dir)}: {holder} is changing this bundle; wait for it to finish and "
+                              f"run {job} again (lock file {path})") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file between our open and our lock: take the new one
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{job} (pid {os.getpid()})\n".encode())
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def utc_stamp() -> str:
@@ -448,6 +658,24 @@ class Bundle:
             files=MappingProxyType({key: str(name) for key, name in method.get("files", {}).items()}))
 
     # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def draft(cls, dim: int, grid: Sequence[int], crop: int, onnx_bytes: int,
+              arrays: Mapping[str, Tuple[str, Sequence[int]]], params: Mapping[str, Any],
+              method: str = "patchcore") -> "Bundle":
+        """A bundle that exists only as numbers, for estimates before an export (size caps): no files."""
+        from .preprocess import InputSpec
+
+        manifest = {
+            "input": InputSpec(resize=crop, crop=crop).to_manifest(), "score": {"gaussian_sigma": 0.0},
+            "features": {"dim": int(dim), "grid": [int(grid[0]), int(grid[1])], "stride": 1,
+                         "onnx_file": "features.onnx", "input_name": "image", "outputs": ["features"]},
+            "method": {"name": method, "params": dict(params), "files": {},
+                       "arrays": {key: {"file": f"{key}.npy", "dtype": dtype, "shape": [int(n) for n in shape]}
+                                  for key, (dtype, shape) in arrays.items()}},
+            "files": {"features.onnx": {"sha256": "0" * 64, "bytes": int(onnx_bytes)}}, "engines": [],
+        }
+        return cls(Path("<draft>"), manifest)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], verify: bool = True, verify_calibration: bool = True) -> "Bundle":
@@ -553,7 +781,11 @@ class Bundle:
     def coverage_radius(self) -> Optional[float]:
         """Largest distance of a training patch to the bank, when the method kept a coreset and measured it."""
         coreset = self.method.params.get("coreset")
-        value = coreset.get("coverage_radius") if isinstance(coreset, Mapping) else None
+        value = None
+        if isinstance(coreset, Mapping):
+            # Above a few hundred thousand patches only the selection's upper bound is recorded.
+            value = coreset.get("coverage_radius")
+            value = coreset.get("coverage_radius_bound") if value is None else value
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     @property

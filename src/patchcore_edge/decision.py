@@ -32,6 +32,7 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 
 IMAGE_METHODS = ("order-statistic", "maximum-too-few-images", "best-f1", "max-recall")
 PIXEL_METHODS = ("nominal-order-statistic", "masks-best-f1", "manual")
+CERTIFICATES = ("order-statistic", "held-out")
 NORMALISATION = {"kind": "ratio", "formula": "normalised = score / image.threshold", "threshold_reads": 1.0}
 
 
@@ -58,6 +59,18 @@ class ImageCalibration:
     recall: Optional[float] = None
     precision: Optional[float] = None
     f1: Optional[float] = None
+    # Which images the guaranteed rate rests on (CERTIFICATES): all nominal images for an order statistic; for a
+    # threshold chosen with the defect images (best-F1), the nominal images held out of that choice.
+    certificate: str = "order-statistic"
+    n_selection: Optional[int] = None
+    n_certification: Optional[int] = None
+
+    def certificate_text(self) -> str:
+        """The one wording of what the guaranteed rate rests on, for the summary, the JSON and the docs."""
+        if self.certificate == "held-out":
+            return (f"certified on {self.n_certification} held-out nominal images (the threshold was chosen on the "
+                    f"other {self.n_selection} and the defect images)")
+        return f"certified by the order statistic of all {self.n_nominal} nominal images"
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,8 @@ class Calibration:
     bundle: Dict[str, str] = field(default_factory=dict)
     warnings: List[Dict[str, str]] = field(default_factory=list)
     sources: Dict[str, Any] = field(default_factory=dict)
+    # What produced the scores (see SCORED_WITH): the thresholds hold only for the same set-up.
+    scored_with: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(self.to_dict(), "<calibration>")
@@ -121,12 +136,13 @@ class Calibration:
             "toolkit_version": self.toolkit_version,
             "decision": "anomalous if score > image.threshold",
             "normalisation": dict(NORMALISATION),
-            "image": asdict(self.image),
+            "image": {**asdict(self.image), "certified_by": self.image.certificate_text()},
             "pixel": None if self.pixel is None else asdict(self.pixel),
             "nominal_scores": dict(self.nominal_scores),
             "bundle": dict(self.bundle),
             "warnings": [dict(w) for w in self.warnings],
             "sources": dict(self.sources),
+            "scored_with": json.loads(json.dumps(self.scored_with)),
         }
 
     def to_json_bytes(self) -> bytes:
@@ -142,7 +158,7 @@ class Calibration:
         return cls(image=image, pixel=pixel, nominal_scores=dict(data["nominal_scores"]),
                    created_utc=str(data.get("created_utc", "")), toolkit_version=str(data.get("toolkit_version", "")),
                    bundle=dict(data.get("bundle", {})), warnings=list(data.get("warnings", [])),
-                   sources=dict(data.get("sources", {})))
+                   sources=dict(data.get("sources", {})), scored_with=dict(data.get("scored_with", {})))
 
     @classmethod
     def load(cls, path: Union["os.PathLike[str]", str]) -> "Calibration":
@@ -235,6 +251,11 @@ def _validate(data: Any, source: str) -> None:
         _fail(source, f"image.rank {image['rank']} exceeds image.n_nominal {image['n_nominal']}")
     if not isinstance(image.get("guarantee_met"), bool):
         _fail(source, "image.guarantee_met must be true or false")
+    if image.get("certificate", "order-statistic") not in CERTIFICATES:
+        _fail(source, f"image.certificate must be one of {', '.join(CERTIFICATES)}, got {image.get('certificate')!r}")
+    if image.get("certificate") == "held-out":
+        _integer(image, "n_selection", source, "image", low=1)
+        _integer(image, "n_certification", source, "image", low=1)
     pixel = data.get("pixel")
     if pixel is not None:
         if not isinstance(pixel, dict):
@@ -253,7 +274,7 @@ def _validate(data: Any, source: str) -> None:
         _fail(source, "nominal_scores must hold at least q25, q50 and q75")
     for key in ("q25", "q50", "q75"):
         _number(nominal, key, source, "nominal_scores")
-    for key in ("bundle", "sources"):
+    for key in ("bundle", "sources", "scored_with"):
         if not isinstance(data.get(key, {}), dict):
             _fail(source, f"{key} must be an object")
     warnings = data.get("warnings", [])
@@ -272,6 +293,38 @@ def check_binding(calibration: Calibration, bundle: "Bundle", source: str) -> No
             raise CalibrationError(
                 f"{source}: this calibration was made for another bundle ({key} differs); the scores of this bundle "
                 "are on another scale: calibrate this bundle with its own images")
+
+
+# ---- item 1 (issue 11): a calibration holds for the set-up that produced its scores, and only for it.
+# Keys of Calibration.scored_with, in the order a mismatch is reported, with the words used for them.
+SCORED_WITH = (("backend", "feature backend"), ("engine_sha256", "TensorRT engine (sha256)"),
+               ("precision", "precision"), ("method", "search settings"), ("toolkit_version", "patchcore-edge version"))
+REDO_CALIBRATION = "calibrate again on this device with this set-up (`patchcore-edge calibrate BUNDLE NOMINAL_DIR`)"
+
+
+def setup_mismatch(calibration: Calibration, actual: Mapping[str, Any]) -> Optional[str]:
+    """Why the calibration does not apply to the set-up `actual` (a SCORED_WITH record), or None when it does.
+
+    Any difference voids the guarantee: an FP16 or INT8 engine moves scores by up to 2 % / 10 %, another version
+    may score differently. A calibration that records no set-up (made before it was recorded) is refused as well.
+    """
+    recorded = calibration.scored_with
+    if not recorded:
+        return "the calibration does not record the backend and settings its scores came from (an older format)"
+    differences = []
+    for key, words in SCORED_WITH:
+        if recorded.get(key) != actual.get(key):
+            differences.append(f"{words} {_show(recorded.get(key))} at calibration, {_show(actual.get(key))} now")
+    return "; ".join(differences) or None
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_show(v)}" for k, v in sorted(value.items())) + ")"
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12]
+    return "none" if value is None else str(value)
+# ---- end item 1
 
 
 def load_for_bundle(bundle: "Bundle") -> Optional[Calibration]:

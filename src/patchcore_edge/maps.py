@@ -6,6 +6,7 @@ Numpy and OpenCV only.
 
 from __future__ import annotations
 
+import math
 from typing import Tuple, Union
 
 import cv2
@@ -44,3 +45,16 @@ def anomaly_map(patch_distances: np.ndarray, crop: Union[int, Tuple[int, int]],
     size = gaussian_kernel_size(float(sigma))
     return cv2.GaussianBlur(upsampled, (size, size), sigmaX=float(sigma), sigmaY=float(sigma),
                             borderType=cv2.BORDER_REFLECT)
+
+
+def map_reach_cells(grid: tuple, crop: int, sigma: float = DEFAULT_SIGMA) -> int:
+    """How many patch cells away a patch distance can still move a pixel of the image's anomaly map.
+
+    A map pixel is a weighted mean (weights >= 0, sum 1) of patch distances: bilinear upsampling reaches 1 cell,
+    the blur int(4 sigma + 0.5) crop pixels, and `preprocess.map_to_image` (edge replication, then a linear
+    resize) 1 more pixel; one extra pixel of margin. The runtime re-checks patches within twice this reach of any
+    patch above the pixel threshold (`scoring.image_scores`), which makes calibrated masks exact.
+    """
+    cell = float(crop) / max(int(grid[0]), int(grid[1]))
+    pixels = (int(4.0 * sigma + 0.5) if sigma > 0 else 0) + 2
+    return int(math.ceil(pixels / cell)) + 1

@@ -327,6 +327,27 @@ def validate_neighbours(neighbours: np.ndarray, count: int) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.int32)
 
 
+def check_neighbours_sample(bank: np.ndarray, neighbours: np.ndarray, rows: int = 32, seed: int = 0) -> None:
+    """Check that sampled rows of bank_neighbours are their row's true b nearest bank rows (ValueError if not).
+
+    Range checks alone let a re-hashed bundle carry arbitrary neighbours (wrong re-weighting, wrong scores). The
+    sample costs one BLAS product of `rows` rows with the bank. Ties and rounding are allowed: a listed neighbour
+    only has to be no farther than the b-th true distance, with a slack for the float32 expansion
+    ||x||^2 + ||y||^2 - 2 x.y.
+    """
+    data = as_bank(bank)
+    count, b = neighbours.shape
+    picked = np.sort(np.random.default_rng(seed).choice(count, size=min(rows, count), replace=False))
+    norms = squared_norms(data)
+    squared = norms[None, :] + norms[picked][:, None] - 2.0 * (data[picked] @ data.T)
+    limits = np.partition(squared, b - 1, axis=1)[:, b - 1]
+    for i, row in enumerate(picked):
+        listed = np.square(data[neighbours[row]] - data[row]).sum(axis=1)
+        slack = 1e-3 * (float(norms[row]) + float(abs(limits[i]))) + 1e-6
+        if len(set(neighbours[row].tolist())) != b or float(listed.max()) > float(limits[i]) + slack:
+            raise ValueError(f"bank neighbours of row {row} are not its {b} nearest bank rows (sample check)")
+
+
 # ---------------------------------------------------------------------------------------------- memory
 # hnswlib's layout (hnswalg.h), for estimates before an index exists (devices fit, export size caps).
 _HNSW_HEADER_BYTES = 96
@@ -383,6 +404,7 @@ class PatchSearch:
             self._centred = self.bank - self.centre
         self.norms = np.concatenate([squared_norms(self.bank[start:start + 65536] - self.centre)
                                      for start in range(0, count, 65536)])
+        self._largest_norm = float(np.sqrt(self.norms.max(initial=0.0)))
         self.ef = DEFAULT_EF
         self.threads: Optional[int] = None
         self.set_ef(ef)
@@ -450,6 +472,42 @@ class PatchSearch:
         parts = [self._exact_rows(q[start:start + _QUERY_BLOCK]) for start in range(0, q.shape[0], _QUERY_BLOCK)]
         best_idx = np.concatenate(parts)
         return row_distances(q, self.bank[best_idx]), best_idx
+
+    def canonical_nearest(self, query: np.ndarray) -> Tuple[float, int]:
+        """The bank row nearest to one query by `row_distances`, the lowest row number among equal distances.
+
+        A function of the query and the bank alone (not of the index, ef, the batch or BLAS's blocking), which is
+        what makes the re-weighted image score the same in every mode (`scoring.image_scores`). BLAS only
+        pre-selects: every row whose expanded value lies within a proven float32 error bound of the smallest is
+        kept, and the direct distances of those decide.
+
+        The bound: the expansion ||b-c||^2 - 2 (q-c).(b-c) of a row differs from the true ||q-b||^2 - ||q-c||^2
+        by at most (3 gamma_D + 6 u) R^2 (u = 2^-24, gamma_D = D u / (1 - D u): dot products and norms of vectors
+        of norm <= R = ||q-c|| + max ||b-c||, plus the centring and the two element-wise roundings); the direct
+        squared distances err by at most (gamma_D + 3 u) R^2. A row whose direct distance is the smallest can
+        therefore trail the smallest expanded value by no more than twice their sum, the margin used here.
+        """
+        q = _as_queries(query, self.dim)
+        if q.shape[0] != 1:
+            raise ValueError(f"canonical_nearest takes one query, got {q.shape[0]}")
+        centred_q = (q[0] - self.centre).astype(np.float32)
+        values = np.empty(self.count, dtype=np.float32)
+        step = 65536
+        with blas_threads(1):
+            for start in range(0, self.count, step):
+                stop = min(self.count, start + step)
+                rows = self._centred[start:stop] if self._centred is not None else self.bank[start:stop] - self.centre
+                np.matmul(rows, centred_q, out=values[start:stop])
+        values *= -2.0
+        values += self.norms
+        u = 2.0 ** -24
+        gamma = self.dim * u / (1.0 - self.dim * u)
+        reach = float(np.sqrt(np.dot(centred_q.astype(np.float64), centred_q))) + self._largest_norm
+        margin = 2.0 * ((3.0 * gamma + 6.0 * u) + (gamma + 3.0 * u)) * reach * reach
+        kept = np.flatnonzero(values.astype(np.float64) <= float(values.min()) + margin)
+        distances = row_distances(np.repeat(q, kept.size, axis=0), self.bank[kept])
+        best = distances.min()
+        return float(best), int(kept[distances == best].min())
 
     def _exact_rows(self, q: np.ndarray) -> np.ndarray:
         n = q.shape[0]

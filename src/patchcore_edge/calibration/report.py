@@ -50,6 +50,7 @@ def calibration_summary(outcome: CalibrationOutcome, findings: bool = True) -> s
         lines.append(f"  guarantee: NOT MET with {image.n_nominal} images ({image.n_required} needed). What these "
                      f"images do guarantee at {image.confidence:.0%} confidence: a false-alarm rate <= "
                      f"{_pct(image.guaranteed_false_alarm_rate)}")
+    lines.append(f"  certificate: {image.certificate_text()}")
     lines.append(f"  nominal calibration images above the threshold: {_pct(image.empirical_false_alarm_rate)}")
     if image.n_defect:
         lines.append(f"  defects: recall {_pct(image.recall)}, precision {_pct(image.precision)}, F1 "

@@ -5,6 +5,8 @@ Command modules import torch only inside the export commands, so the runtime com
 
 from __future__ import annotations
 
+from typing import Optional
+
 import click
 
 from .. import __version__
@@ -12,8 +14,17 @@ from .. import __version__
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="patchcore-edge")
-def main() -> None:
+@click.option("--max-image-pixels", type=click.IntRange(1), default=None, metavar="N",
+              help="Refuse images whose header declares more pixels (default 100,000,000).")
+@click.option("--max-aspect-ratio", type=click.FloatRange(1.0), default=None, metavar="R",
+              help="Refuse images longer than R:1 (default 20).")
+def main(max_image_pixels: Optional[int], max_aspect_ratio: Optional[float]) -> None:
     """PatchCore anomaly detection from a workstation to NVIDIA Jetson boards."""
+    if max_image_pixels is not None or max_aspect_ratio is not None:
+        from ..imageio import ImageLimits, get_limits, set_limits
+
+        default = get_limits()
+        set_limits(ImageLimits(max_image_pixels or default.max_pixels, max_aspect_ratio or default.max_aspect))
 
 
 def _register() -> None:
@@ -21,6 +32,7 @@ def _register() -> None:
     from .devices import devices_group, engine_group
     from .eval import eval_command
     from .export import export_command
+    from ..fleet.cli import fleet_group
     from .run import run_command
 
     main.add_command(export_command, "export")
@@ -29,6 +41,7 @@ def _register() -> None:
     main.add_command(calibrate_command, "calibrate")
     main.add_command(devices_group, "devices")
     main.add_command(engine_group, "engine")
+    main.add_command(fleet_group, "fleet")
 
 
 _register()

@@ -27,6 +27,17 @@ def _echo_findings(findings: Any) -> None:
         click.echo(line.strip() if not line.startswith("      ") else line, err=True)
 
 
+def _check_report_dir(report_dir: Path, bundle: Path, inputs: "list[Path]") -> None:
+    """The report's histogram.png inside an image folder would be read as a part next time; inside the bundle it
+    would be an unlisted file."""
+    target = report_dir.resolve()
+    for folder in [bundle, *inputs]:
+        root = folder.resolve()
+        if target == root or target.is_relative_to(root):
+            raise click.UsageError(f"--report-dir {report_dir}: lies inside {folder}; its histogram.png would be "
+                                   "read as a part (or as a bundle file) next time: choose a folder outside it")
+
+
 @click.command("calibrate")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("nominal_dir", required=False, type=click.Path(path_type=Path))
@@ -35,14 +46,16 @@ def _echo_findings(findings: Any) -> None:
 @click.option("--masks", "masks_dir", type=click.Path(path_type=Path), default=None,
               help="Defect masks, same sub-folders as --defects, named <stem>_mask.png or <stem>.png: sets the "
                    "pixel threshold by best pixel F1.")
-@click.option("--false-alarm-rate", default=0.01, show_default=True, type=float,
+@click.option("--false-alarm-rate", default=0.01, show_default=True,
+              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               help="Largest acceptable fraction of good parts flagged as defective.")
-@click.option("--confidence", default=0.95, show_default=True, type=float,
+@click.option("--confidence", default=0.95, show_default=True,
+              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
               help="How sure the false-alarm guarantee must be.")
 @click.option("--optimise", type=click.Choice(["f1", "recall"]), default=None,
               help="With --defects: f1 = best image F1 (may break the false-alarm target); recall = highest recall "
                    "that keeps the target (the default threshold).")
-@click.option("--min-defect-area", type=int, default=None,
+@click.option("--min-defect-area", type=click.IntRange(1), default=None,
               help="Smallest defect region shown in masks, in image pixels (default: a quarter of a feature cell).")
 @click.option("--report-dir", type=click.Path(path_type=Path), default=None,
               help="Write histogram.png, scores.csv and summary.txt here.")
@@ -50,7 +63,8 @@ def _echo_findings(findings: Any) -> None:
 @click.option("--check", "check_dir", type=click.Path(path_type=Path), default=None, metavar="NEW_NOMINAL_DIR",
               help="Score new good parts against the current calibration; the bundle is not changed.")
 @click.option("--dry-run", is_flag=True, help="Compute and report, but do not write into the bundle.")
-@click.option("--backend", default="auto", show_default=True, help="Feature backend (auto, onnxruntime, tensorrt).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="Feature backend.")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 256))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Optional[Path],
@@ -60,10 +74,10 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
     """Set the thresholds of BUNDLE from images of good parts in NOMINAL_DIR (and defects, optionally).
 
     The image threshold keeps the false-alarm rate at or below --false-alarm-rate with the stated --confidence,
-    whatever the score distribution (that needs ~300 good images for 1 % at 95 %; with fewer, the highest good
+    whatever the score distribution (that needs 299 good images for 1 % at 95 %; with fewer, the highest good
     score is used and the rate it does guarantee is reported).
     """
-    from ..bundle import Bundle, BundleError
+    from ..bundle import Bundle, BundleError, bundle_lock
     from ..decision import CalibrationError
     from ..calibration import calibrate as flow
     from ..calibration import report
@@ -75,6 +89,8 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
                                "or --rollback")
     if modes > 1:
         raise click.UsageError("use one of: NOMINAL_DIR (calibrate), --check DIR, --rollback")
+    if report_dir is not None:
+        _check_report_dir(report_dir, bundle, [d for d in (nominal_dir, defects_dir, masks_dir, check_dir) if d])
     progress = StageBars(label=lambda stage: f"scoring {stage} images", quiet=quiet)
     try:
         if rollback:
@@ -82,8 +98,9 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
             click.echo(f"rolled back: {current} is now the current calibration ({previous} kept as previous; "
                        "--rollback again to undo)")
             return
-        loaded = Bundle.load(bundle)
-        detector = flow.load_detector(bundle, backend)
+        # Verified here once; the detector reuses the loaded bundle.
+        loaded = Bundle.load(bundle, verify_calibration=check_dir is not None)
+        detector = flow.load_detector(loaded, backend)
         try:
             if check_dir is not None:
                 outcome = flow.check(detector, loaded, check_dir, batch_size=batch_size, progress=progress)
@@ -106,7 +123,8 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
             if close is not None:
                 close()
         if not dry_run:
-            result.written = flow.write_calibration(loaded.reload(), result.calibration)
+            with bundle_lock(bundle, "calibrate"):
+                result.written = flow.write_calibration(loaded.reload(), result.calibration)
         _echo_findings(result.findings)
         click.echo(report.calibration_summary(result, findings=False), nl=False)
         if report_dir is not None:
@@ -117,4 +135,5 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
         raise click.ClickException(str(error)) from None
     except OSError as error:
         progress.close()
-        raise click.ClickException(f"{getattr(error, 'filename', '') or ''}: {error.strerror or error}") from None
+        where = getattr(error, "filename", None) or report_dir or bundle
+        raise click.ClickException(f"{where}: {error.strerror or error}") from None

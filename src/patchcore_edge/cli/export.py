@@ -40,8 +40,8 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
                    "border is never inspected).")
 @click.option("--input-size", type=(int, int), default=None, metavar="W H",
               help="Network input width and height (default: --crop x --crop); e.g. 448 224 for 2:1 parts.")
-@click.option("--resize", default=256, show_default=True, help="--fit crop: shorter image side before the crop.")
-@click.option("--crop", default=224, show_default=True, help="Side of the square network input.")
+@click.option("--resize", type=click.IntRange(16, 4096), default=256, show_default=True, help="--fit crop: shorter image side before the crop.")
+@click.option("--crop", type=click.IntRange(16, 4096), default=224, show_default=True, help="Side of the square network input.")
 @click.option("--tile", type=int, default=None, metavar="SIZE",
               help="Cut each image into SIZE x SIZE tiles (native resolution) scored one by one: for large frames.")
 @click.option("--tile-overlap", type=int, default=0, show_default=True, metavar="PIXELS",
@@ -49,23 +49,29 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
 @click.option("--roi", "roi_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Region of interest: a JSON file {\"polygon\": [[x, y], ...]} with x, y in [0, 1] of the image "
                    "width/height. Outside it nothing scores and masks stay empty.")
-@click.option("--feature-dim", type=int, default=None, help="Patch feature channels (default: the backbone's).")
+@click.option("--feature-dim", type=click.IntRange(1), default=None, help="Patch feature channels (default: the backbone's).")
 @click.option("--coreset-ratio", default=0.1, show_default=True, help="Fraction of patches kept in the bank.")
 @click.option("--coreset-size", type=int, default=None, help="Absolute bank size (overrides --coreset-ratio).")
-@click.option("--projection-dim", default=128, show_default=True, help="Random projection dim for the coreset.")
+@click.option("--projection-dim", type=click.IntRange(1), default=128, show_default=True, help="Random projection dim for the coreset.")
+@click.option("--coreset-method", type=click.Choice(("auto", "exact", "partitioned")), default="auto",
+              show_default=True, help="exact greedy, or greedy in k-means cells (fast at any size); auto picks.")
+@click.option("--device-profile", default=None, metavar="NAME",
+              help="Cap the bank so the bundle fits this board's memory budget (see `devices list`).")
+@click.option("--dask", "dask_address", default=None, metavar="SCHEDULER|local",
+              help="Run the coreset's cells on a Dask cluster (needs the [dask] extra); local = 2 processes.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--ef", type=int, default=None, help="HNSW search breadth recorded as the runtime default.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--ef", type=click.IntRange(1), default=None, help="HNSW search breadth recorded as the runtime default.")
 @click.option("--engine/--no-engine", default=True, show_default=True,
               help="Build a TensorRT engine when TensorRT and a GPU are present.")
-@click.option("--force", is_flag=True, help="Overwrite an existing bundle.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle: any other folder is refused).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Optional[str], fit: str,
                    input_size: Optional[Tuple[int, int]], resize: int, crop: int, tile: Optional[int],
                    tile_overlap: int, roi_file: Optional[Path],
                    feature_dim: Optional[int], coreset_ratio: float, coreset_size: Optional[int], projection_dim: int,
-                   device: str, seed: int, batch_size: int, ef: Optional[int], engine: bool, force: bool,
+                   coreset_method: str, device_profile: Optional[str], dask_address: Optional[str], device: str, seed: int, batch_size: int, ef: Optional[int], engine: bool, force: bool,
                    quiet: bool) -> None:
     """Build a PatchCore bundle from a folder of defect-free images."""
     try:
@@ -80,13 +86,18 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
                             roi=None if roi_file is None else read_roi(roi_file),
                             resize=resize, crop=crop, feature_dim=feature_dim, coreset_ratio=coreset_ratio,
                             coreset_size=coreset_size, projection_dim=projection_dim, device=device, seed=seed,
-                            batch_size=batch_size, ef=ef, engine=engine, force=force)
+                            batch_size=batch_size, ef=ef, engine=engine, force=force,
+                            coreset_method=coreset_method, device_profile=device_profile, dask=dask_address)
     bars = StageBars(label=lambda stage: f"{stage:<8}", quiet=quiet)
     try:
         summary = export_bundle(options, progress=bars, log=lambda message: click.echo(message, err=True))
     except (ExportError, BundleError) as error:
         bars.close()
         raise click.ClickException(str(error)) from None
+    except OSError as error:  # a full disk or a read-only folder while writing the staging bundle
+        bars.close()
+        where = error.filename or output
+        raise click.ClickException(f"{where}: {error.strerror or error}; no bundle was written") from None
     bars.close()
     rows: Dict[str, str] = {
         "bundle": str(summary.bundle),
@@ -94,6 +105,7 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
         "patches": f"{summary.patches:,} x {summary.feature_dim} dims",
         "coreset": f"{summary.coreset_size:,} vectors ({summary.bank_mb:.1f} MB)",
         "coverage radius": "n/a" if summary.coverage_radius is None else f"{summary.coverage_radius:.4f}",
+        "selection": summary.coreset_note,
         "onnx parity": f"max |onnx - torch| = {summary.onnx_max_abs_diff:.2e}",
         "engine": summary.engine_note,
         "time": ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()),

@@ -3,8 +3,10 @@ streams.
 
 JSON lines go to stdout (or --jsonl FILE); progress, warnings and the end summary go to stderr, so stdout can
 be piped. Exit status: 0 all inputs scored, 1 some inputs failed (the others were still scored) or there was
-nothing to score, 2 the run could not start (bundle, backend, options) or an output could not be written, 130
-interrupted (Ctrl-C; the summary is printed).
+nothing to score, 2 the run could not start (bundle, backend, options, outputs that would replace an input or a
+file that is not ours) or an output could not be written (the error names the file; the JSON lines written
+before it are complete, and no line lists a file that was not written), 130 interrupted (Ctrl-C or SIGTERM;
+the summary is printed).
 
 Threads (measured on MVTec bottle test, 83 images 900x900, ONNX Runtime 2 threads, 2 shared cores, 3
 interleaved runs, median images/s): maps + PNGs inline 3.6, with one PNG writer thread 4.2; without maps,
@@ -16,10 +18,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Deque, Dict, Generator, Iterable, Iterator, Optional, Sequence, TextIO, Tuple, Union
@@ -29,6 +35,7 @@ import cv2
 import numpy as np
 
 from patchcore_edge.bundle import BundleError
+from patchcore_edge.fleet.cli import publish_options
 from patchcore_edge.imageio import ImageReadError
 from patchcore_edge.runtime.outputs import (JsonLinesWriter, MapWriter, OutputError, RunStats,
                                             atomic_write_bytes, error_record, format_summary, MapScale,
@@ -190,6 +197,91 @@ def _silence_stdout() -> None:
         pass
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def _is_our_jsonl(path: Path) -> bool:
+    """An existing file `run` may overwrite: empty, or JSON lines whose first line is a record of ours."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(1 << 16)
+    except OSError:
+        return False
+    if not first.strip():
+        return path.stat().st_size == 0
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "path" in record and "index" in record
+
+
+def output_problem(bundle: Path, inputs: Sequence[str], plan: Any, outdir: Optional[Path],
+                   jsonl: Optional[Path]) -> Optional[str]:
+    """Why the outputs may not go where asked (checked before any work), or None.
+
+    No output may be an input, lie inside the bundle, or replace a file that is not a run's output; the output
+    folder may not lie inside an input folder (the next run would read its PNGs as parts).
+    """
+    bundle_dir = bundle.resolve()
+    files = {Path(entry[2]).resolve() for source in plan.sources for entry in getattr(source, "entries", ())
+             if isinstance(entry[2], Path)}
+    folders = [Path(a).resolve() for a in inputs if Path(a).is_dir()]
+    if jsonl is not None:
+        target = jsonl.resolve()
+        if target in files:
+            return f"--jsonl {jsonl}: is one of the inputs; it would be overwritten before it is read"
+        if _inside(target, bundle_dir):
+            return f"--jsonl {jsonl}: lies inside the bundle {bundle}; write it elsewhere"
+        if target.exists() and not (target.is_file() and _is_our_jsonl(target)):
+            return (f"--jsonl {jsonl}: exists and is not a JSON lines file of a run; it is not overwritten: "
+                    "choose another name")
+    if outdir is not None:
+        target = outdir.resolve()
+        if _inside(target, bundle_dir) or _inside(bundle_dir, target):
+            return f"-o {outdir}: must not be inside the bundle {bundle} (nor contain it)"
+        if target in files or target.is_file():
+            return f"-o {outdir}: is a file; give a folder for the heat maps"
+        for folder in folders:
+            if _inside(target, folder):
+                return (f"-o {outdir}: lies inside the input folder {folder}; the next run would read its PNGs "
+                        "as parts: choose a folder outside it")
+    return None
+
+
+class _InOrder:
+    """JSON lines in input order, each written once its PNGs are on disk: a record lists only files that
+    exist; one whose PNGs failed gets `output_error` instead of `outputs`, and the run stops (outputs failed)."""
+
+    def __init__(self, sink: JsonLinesWriter, stats: RunStats) -> None:
+        self.sink, self.stats = sink, stats
+        self.waiting: Deque[Tuple[Dict[str, Any], Optional[Future[None]]]] = deque()
+        self.failure: Optional[str] = None
+
+    def put(self, record: Dict[str, Any], pending: Optional[Future[None]]) -> None:
+        self.waiting.append((record, pending))
+        while self.waiting and (self.waiting[0][1] is None or self.waiting[0][1].done()):
+            self._emit(*self.waiting.popleft())
+        if self.failure is not None:
+            raise OutputError(self.failure)
+
+    def drain(self) -> None:
+        while self.waiting:
+            self._emit(*self.waiting.popleft())
+
+    def _emit(self, record: Dict[str, Any], pending: Optional[Future[None]]) -> None:
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception as error:  # noqa: BLE001 -- the PNG writer's OutputError (or an encoder failure)
+                record.pop("outputs", None)
+                record["output_error"] = str(error)
+                self.failure = self.failure or str(error)
+        self.sink.write(record)
+        self.stats.add_result(record)
+
+
 def _write_run_json(outdir: Path, info: Dict[str, Any]) -> None:
     atomic_write_bytes(outdir / "run.json", (json.dumps(info, indent=2, allow_nan=False) + "\n").encode())
 
@@ -229,11 +321,12 @@ def _write_run_json(outdir: Path, info: Dict[str, Any]) -> None:
 @click.option("--writer-threads", type=click.IntRange(0, 16), default=DEFAULT_WRITER_THREADS,
               show_default=True,
               help="Background threads encoding PNGs (0: encode inline).")
+@publish_options
 def run_command(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: str, batch_size: int,
                 maps: bool, overlays: bool, threads: Optional[int], ef: Optional[int], exact_search: bool,
                 max_frames: Optional[int], jsonl: Optional[Path], recursive: bool,
                 map_range: Optional[Tuple[float, float]], reconnect_retries: int, reconnect_delay: float,
-                read_ahead: int, writer_threads: int) -> None:
+                read_ahead: int, writer_threads: int, fleet: Any) -> None:
     """Score INPUT images with the detector in BUNDLE.
 
     INPUT: image files, folders, globs ("data/*.png", quoted), video files, camera indices (0, 1), GStreamer
@@ -242,13 +335,27 @@ def run_command(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], bac
     max-buffers=2") and rtsp:// or http:// streams.
     """
     handler = _install_log_handler()
+    restore = _stop_on_sigterm()
     try:
         code = _run(bundle, inputs, outdir, backend, batch_size, maps, overlays, threads, ef, exact_search,
                     max_frames, jsonl, recursive, map_range, reconnect_retries, reconnect_delay, read_ahead,
-                    writer_threads, handler)
+                    writer_threads, handler, fleet)
     finally:
+        restore()
         log.removeHandler(handler)
     sys.exit(code)
+
+
+def _stop_on_sigterm() -> Any:
+    """SIGTERM (systemd stop, docker stop) ends a run like Ctrl-C: the summary is printed, exit status 130."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: str, batch_size: int,
@@ -256,9 +363,10 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
          max_frames: Optional[int], jsonl: Optional[Path], recursive: bool,
          map_range: Optional[Tuple[float, float]], reconnect_retries: int, reconnect_delay: float,
          read_ahead_depth: int, writer_threads: int,
-         handler: _StatusAwareHandler) -> int:
-    if map_range is not None and not map_range[1] > map_range[0]:
-        raise CannotStart(f"--map-range needs LOW < HIGH, got {map_range[0]} {map_range[1]}")
+         handler: _StatusAwareHandler, fleet: Any = None) -> int:
+    if map_range is not None and not (math.isfinite(map_range[0]) and math.isfinite(map_range[1])
+                                      and map_range[1] > map_range[0]):
+        raise CannotStart(f"--map-range needs finite LOW < HIGH, got {map_range[0]} {map_range[1]}")
     if overlays and not maps:
         raise CannotStart("--overlays needs the anomaly maps: drop --no-maps")
     if overlays and outdir is None:
@@ -274,6 +382,9 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
     if plan.total == 0:
         log.error("no images found in %s", " ".join(inputs))
         return EXIT_FAILED_INPUTS
+    problem = output_problem(bundle, inputs, plan, outdir if maps else None, jsonl)
+    if problem is not None:
+        raise CannotStart(problem)
 
     try:
         detector = _load_detector(bundle, backend, ef, exact_search, threads)
@@ -283,6 +394,8 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
         raise CannotStart(f"cannot load bundle {bundle}: {error}") from None
 
     calibration = getattr(detector, "calibration", None)
+    if getattr(detector, "calibration_refused", None):
+        log.warning("%s", detector.calibration_refused)
     writer = None
     run_info: Dict[str, Any] = {"bundle": str(bundle), "backend": getattr(detector, "backend_name", backend),
                                 "calibrated": calibration is not None,
@@ -308,8 +421,11 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
     started = time.perf_counter()
     interrupted = False
     fatal: Optional[str] = None
+    records = _InOrder(sink, stats)
+    publisher = fleet.open(detector)  # fleet/: never waits on the network; a no-op without --publish
     frames = read_ahead(iter_frames(plan), read_ahead_depth)
-    scored = score_frames(detector, frames, batch_size=batch_size, maps=maps, keep_images=overlays)
+    scored = score_frames(detector, frames, batch_size=batch_size, maps=maps,
+                          keep_images=overlays or publisher.wants_images)
     progress = None
     try:
         if status is None:
@@ -317,17 +433,26 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
                                          show_pos=True, show_eta=True)
             progress.__enter__()
         for tag, outcome in scored:
+            pending_png: Optional[Future[None]] = None
             if isinstance(outcome, ImageReadError):
                 log.warning("%s: %s", tag.frame.key, outcome.reason)
                 record = error_record(tag.frame, outcome)
             else:
                 files: Dict[str, str] = {}
+                failed: Optional[OutputError] = None
                 if writer is not None:
-                    files = writer.write(tag.frame.name, outcome.anomaly_map, getattr(outcome, "mask", None),
-                                         tag.image, outcome.score)
+                    try:
+                        files, pending_png = writer.submit(tag.frame.name, outcome.anomaly_map,
+                                                           getattr(outcome, "mask", None), tag.image, outcome.score)
+                    except OutputError as error:
+                        failed = error
                 record = result_record(tag.frame, outcome, tag.height, tag.width, files)
-            sink.write(record)
-            stats.add_result(record)
+                if failed is not None:
+                    record["output_error"] = str(failed)
+                    records.put(record, None)
+                    raise failed
+            records.put(record, pending_png)
+            publisher.publish(record, outcome, tag.image)
             if progress is not None:
                 progress.update(1)
             if status is not None:
@@ -352,13 +477,22 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
         if status is not None:
             status.clear()
         handler.status = None
-        sink.close()
+        publisher.close()
         close = getattr(detector, "close", None)
         if close is not None:
             close()
+    try:
+        records.drain()  # waits for the pending PNGs: they count in the wall time
+    except OutputError as error:
+        fatal = fatal or str(error)
+    except BrokenPipeError:
+        fatal = fatal or "stdout was closed (broken pipe); use --jsonl FILE to keep the results"
+        _silence_stdout()
+    sink.close()
+    fatal = fatal or records.failure
     if writer is not None:
         try:
-            writer.close()  # pending PNGs count in the wall time
+            writer.close()
         except OutputError as error:
             fatal = fatal or str(error)
     wall = time.perf_counter() - started

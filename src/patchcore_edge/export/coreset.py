@@ -405,7 +405,7 @@ def _head_count(size: int) -> int:
 
 
 def _greedy_pruned(points: np.ndarray, start: int, size: int, progress: Optional[Progress],
-                   every: int) -> np.ndarray:
+                   every: int, keys: Optional[np.ndarray] = None) -> np.ndarray:
     """Exact greedy k-center on float32 points, skipping the distances the triangle inequality rules out.
 
     Invariant: mind[x] is row_distances(x, its centre) for every point x, exactly as the plain loop holds it
@@ -413,6 +413,9 @@ def _greedy_pruned(points: np.ndarray, start: int, size: int, progress: Optional
     mind[x] only if d(x, c) < mind[x]; since d(x, c) >= d(a, c) - mind[x] for x's centre a, that needs
     d(a, c) < 2 mind[x]. The tests use 2 (1 + eps), eps far above the float32 rounding of the distances, so
     no point whose computed distance would be smaller is ever skipped: the selection is the plain loop's.
+
+    `keys`, when given (float32 [size]), receives each centre's distance to the earlier ones when it was
+    chosen (the coverage radius just before that step; inf for the start): a non-increasing sequence.
     """
     n, dim = points.shape
     eps = 1e-3 + 2.0 * (dim + 4) * _U32
@@ -432,6 +435,8 @@ def _greedy_pruned(points: np.ndarray, start: int, size: int, progress: Optional
         reach[slots] = np.where(values > 0.0, values.astype(np.float64) * (2.0 * (1.0 + eps)), -np.inf)
 
     centres.add(0, start)
+    if keys is not None:
+        keys[0] = np.inf
     members = np.concatenate([np.arange(start, dtype=np.int64), np.arange(start + 1, n, dtype=np.int64)])
     clusters.append(0, members)
     set_radius(np.array([0]), *_segment_max_first(mind[members], members, np.array([members.size]), n))
@@ -447,6 +452,8 @@ def _greedy_pruned(points: np.ndarray, start: int, size: int, progress: Optional
             owner = int(tied[np.argmin(far[tied])])
         centre = int(far[owner])
         selected[t] = centre
+        if keys is not None:
+            keys[t] = best
         centres.add(t, centre)
 
         if best > 0.0:

@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import __version__
-from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, write_new_bundle
-from ..imageio import ImageReadError, decode_rgb, list_images
+from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, check_replaceable, write_new_bundle
+from ..imageio import ImageReadError, decode_rgb, list_images, read_image_bytes
 from ..preprocess import InputSpec
 from ..stats import quantiles
 from .methods.base import MethodSettings
@@ -67,6 +67,10 @@ class ExportOptions:
     parity_images: int = 4
     engine: bool = True
     force: bool = False
+    # Coreset at scale (export/coreset_select.py): method, a device profile capping the bank, a Dask scheduler.
+    coreset_method: str = "auto"
+    device_profile: Optional[str] = None
+    dask: Optional[str] = None
 
 
 @dataclass
@@ -82,6 +86,7 @@ class ExportSummary:
     onnx_max_abs_diff: float
     engine_note: str
     seconds: Dict[str, float] = field(default_factory=dict)
+    coreset_note: str = ""
 
 
 def _quiet_progress(stage: str, done: int, total: int) -> None:
@@ -134,7 +139,7 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
 
     for position, path in enumerate(paths, start=1):
         try:
-            data = path.read_bytes()
+            data = read_image_bytes(path)
             image = decode_rgb(data, path)
         except ImageReadError as error:
             errors.append(error)
@@ -157,13 +162,47 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
     return outputs, used, hashes, errors, samples
 
 
-def _settings(options: ExportOptions) -> MethodSettings:
+def check_options(options: ExportOptions) -> None:
+    """Every option checked before any work starts (ExportError naming the option): no features or coreset are
+    computed for an export that would be refused at the end."""
+    import torch
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ExportError(message)
+
+    need(options.batch_size >= 1, f"--batch-size must be at least 1, got {options.batch_size}")
+    need(options.ef is None or options.ef >= 1, f"--ef must be at least 1, got {options.ef}")
+    need(options.projection_dim >= 1, f"--projection-dim must be at least 1, got {options.projection_dim}")
+    need(options.feature_dim is None or options.feature_dim >= 1,
+         f"--feature-dim must be at least 1, got {options.feature_dim}")
+    try:
+        device = torch.device(options.device)
+    except (RuntimeError, ValueError):
+        raise ExportError(f"--device {options.device}: not a torch device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda":
+        need(torch.cuda.is_available(), f"--device {options.device}: torch sees no CUDA GPU here; use --device cpu")
+        need(device.index is None or device.index < torch.cuda.device_count(),
+             f"--device {options.device}: there are only {torch.cuda.device_count()} CUDA devices")
+    output = Path(options.output).resolve()
+    if isinstance(options.nominal_dir, (str, Path)):
+        nominal = Path(options.nominal_dir).resolve()
+        need(not (output == nominal or output.is_relative_to(nominal) or nominal.is_relative_to(output)),
+             f"-o {options.output}: the bundle folder must be outside NOMINAL_DIR {options.nominal_dir} (and not "
+             "contain it): the training images are never replaced")
+    check_replaceable(output, options.force)
+
+
+def _settings(options: ExportOptions, spec: InputSpec) -> MethodSettings:
     return MethodSettings(
         backbone=options.backbone, weights=options.weights, feature_dim=options.feature_dim,
         coreset_ratio=options.coreset_ratio, coreset_size=options.coreset_size,
         projection_dim=options.projection_dim, device=options.device, seed=options.seed, hnsw_m=options.hnsw_m,
         ef_construction=options.ef_construction, ef=options.ef, reweight_neighbours=options.reweight_neighbours,
-        rerank=options.rerank, reduction=options.reduction, layers=options.layers)
+        rerank=options.rerank, reduction=options.reduction, layers=options.layers,
+        coreset_method=options.coreset_method, device_profile=options.device_profile, dask=options.dask,
+        # A non-square input counts as a square of its longer side in the device memory cap: never too small.
+        crop=max(spec.width, spec.height))
 
 
 def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log,
@@ -181,8 +220,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     seconds: Dict[str, float] = {}
     output = Path(options.output)
-    if output.exists() and not options.force:
-        raise BundleError(f"{output}: already exists; pass --force to overwrite it or choose another output folder")
+    check_options(options)
     try:
         method = get_exporter(options.method)
         # The normalisation is the one the backbone's weights were trained with (backbones.BackboneSpec).
@@ -193,7 +231,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     except ValueError as error:
         raise ExportError(str(error)) from None
     log(f"input: {spec.describe()}")
-    settings = _settings(options)
+    settings = _settings(options, spec)
     paths, skipped = scan_nominal(Path(options.nominal_dir) if images is None else images)
 
     torch.manual_seed(options.seed)
@@ -203,7 +241,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
         for path in paths:
             try:
-                image = decode_rgb(path.read_bytes(), path)
+                image = decode_rgb(read_image_bytes(path), path)
                 training_images.extend(torch_preprocess(piece, spec).numpy() for piece in spec.pieces(image)[1])
             except (ImageReadError, OSError):
                 pass  # listed as skipped by the feature pass below
@@ -243,6 +281,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         (staging / "training_images.json").write_text(json.dumps({"sha256": hashes}, indent=0) + "\n")
 
         start_onnx = time.perf_counter()
+        progress("onnx", 0, 1)
         onnx_path = staging / "features.onnx"
         try:
             export_onnx(network.cpu(), onnx_path, spec, output_names=info.outputs)
@@ -252,6 +291,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         except OnnxModelError as error:
             raise ExportError(str(error)) from None
         seconds["onnx"] = time.perf_counter() - start_onnx
+        progress("onnx", 1, 1)
         staged["parity"] = parity
 
         engines: List[Dict[str, Any]] = []
@@ -291,7 +331,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         bundle=bundle_path, images=len(used), skipped=skipped, patches=int(summary.get("patches", 0)),
         coreset_size=int(summary.get("coreset_size", 0)), feature_dim=int(info.dim),
         bank_mb=float(summary.get("bank_mb", 0.0)), coverage_radius=summary.get("coverage_radius"),
-        onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds)
+        onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds,
+        coreset_note=str(summary.get("coreset_note", "")))
 
 
 def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[np.ndarray], staging: Path,

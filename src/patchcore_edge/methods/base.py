@@ -37,6 +37,11 @@ class ScorerOptions:
     ef: Optional[int] = None
     exact_search: bool = False
     threads: Optional[int] = None
+    # The calibrated pixel threshold and the map's reach in patch cells (`maps.map_reach_cells`): a method whose
+    # patch map is approximate makes it exact wherever the map can exceed the threshold, so that masks do not
+    # depend on its search settings (PatchCore: `scoring.image_scores`). None: no calibration.
+    exact_map_above: Optional[float] = None
+    exact_map_reach: int = 0
 
 
 class Scorer(abc.ABC):

@@ -13,7 +13,8 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..scoring import PatchScores, image_scores
-from ..search import IndexFileError, PatchSearch, index_resident_bytes, load_index, validate_neighbours
+from ..search import (IndexFileError, PatchSearch, check_neighbours_sample, index_resident_bytes, load_index,
+                      validate_neighbours)
 from .base import MethodScore, Scorer, ScorerOptions
 
 if TYPE_CHECKING:
@@ -34,12 +35,14 @@ class PatchCoreScorer(Scorer):
     name = NAME
 
     def __init__(self, search: PatchSearch, neighbours: np.ndarray, rerank: int, grid: tuple,
-                 output_name: str) -> None:
+                 output_name: str, exact_map_above: Optional[float] = None, exact_map_reach: int = 0) -> None:
         self.search = search
         self.neighbours = neighbours
         self.rerank = int(rerank)
         self.grid = (int(grid[0]), int(grid[1]))
         self.output_name = output_name
+        self.exact_map_above = exact_map_above
+        self.exact_map_reach = int(exact_map_reach)
 
     @classmethod
     def load(cls, bundle: "Bundle", options: ScorerOptions) -> "PatchCoreScorer":
@@ -61,6 +64,7 @@ class PatchCoreScorer(Scorer):
                               f"{(bank.shape[0], b)}; re-export the bundle")
         try:
             neighbours = validate_neighbours(neighbours, bank.shape[0])
+            check_neighbours_sample(bank, neighbours)
             index = None if options.exact_search else load_index(bundle.method_file("index"), bank.shape[1],
                                                                  bank.shape[0], bank=bank)
             search = PatchSearch(bank, index, ef=ef, threads=options.threads)
@@ -68,7 +72,8 @@ class PatchCoreScorer(Scorer):
             raise BundleError(f"{error}; re-export the bundle") from None
         except ValueError as error:
             raise BundleError(f"{bundle.path}: {error}; re-export the bundle") from None
-        return cls(search, neighbours, rerank, bundle.features.grid, bundle.features.output_name)
+        return cls(search, neighbours, rerank, bundle.features.grid, bundle.features.output_name,
+                   options.exact_map_above, options.exact_map_reach)
 
     @classmethod
     def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
@@ -84,7 +89,8 @@ class PatchCoreScorer(Scorer):
         """The full PatchCore record of a batch of feature grids [B, h, w, D] (`valid`: see Scorer.score)."""
         n = grid.shape[0]
         return image_scores(grid.reshape(n, -1, grid.shape[-1]), self.search, self.neighbours, self.rerank,
-                            valid=valid)
+                            valid=valid, exact_above=self.exact_map_above, grid=self.grid,
+                            reach=self.exact_map_reach)
 
     def score(self, outputs: Mapping[str, np.ndarray], valid: Optional[np.ndarray] = None) -> List[MethodScore]:
         grid = outputs[self.output_name]

@@ -16,6 +16,9 @@ class FeatureBackend(Protocol):
 
     name: str
     max_batch: Optional[int]
+    # What the scores depend on, recorded by calibration: the engine file (None for ONNX Runtime) and precision.
+    engine_file: Optional[str]
+    precision: str
 
     def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
         """float32 [B, 3, H, W] -> {output name: float32 [B, ...]}."""
@@ -35,10 +38,15 @@ class OnnxRuntimeFeatures:
     """features.onnx through ONNX Runtime, on the best execution provider present (CUDA/TensorRT EPs if any)."""
 
     max_batch: Optional[int] = None
+    engine_file: Optional[str] = None
+    precision = "fp32"  # features.onnx is a float32 graph
 
     def __init__(self, onnx_path: Path, input_name: str, output_names: Sequence[str], threads: Optional[int] = None,
-                 providers: Optional[Sequence[str]] = None) -> None:
+                 providers: Optional[Sequence[str]] = None,
+                 shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
         import onnxruntime as ort
+
+        refuse_external_data(onnx_path)
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -64,6 +72,11 @@ class OnnxRuntimeFeatures:
         if input_name not in inputs or missing:
             raise BundleError(f"{onnx_path}: expected input {input_name!r} and outputs {list(output_names)}, the "
                               f"model has {inputs} -> {outputs}; re-export the bundle")
+        if shapes:
+            declared = {i.name: i.shape for i in self.session.get_inputs()}
+            declared.update({o.name: o.shape for o in self.session.get_outputs()})
+            for name, expected in shapes.items():
+                check_shape(onnx_path, name, declared.get(name), expected)
         self.input_name, self.output_names = input_name, list(output_names)
         provider = self.session.get_providers()[0]
         self.name = "onnxruntime:" + provider.replace("ExecutionProvider", "").lower()
@@ -84,13 +97,46 @@ class OnnxRuntimeFeatures:
 
 BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
 
+# How an ONNX TensorProto names an external data file: field 13 (external_data) holding the entry
+# {key: "location", value: FILE}. onnx is not a runtime dependency, so the bytes are scanned for it.
+_EXTERNAL_LOCATION = b"\x0a\x08location"
+
+
+def refuse_external_data(onnx_path: Path) -> None:
+    """A bundle's network keeps its weights inside features.onnx: a weight moved to another file (which the
+    manifest's sha256 list does not cover) would change the scores unnoticed, so external data is refused."""
+    try:
+        data = onnx_path.read_bytes()
+    except OSError as error:
+        raise BundleError(f"{onnx_path}: cannot read it ({error.strerror or error})") from None
+    at = data.find(_EXTERNAL_LOCATION)
+    while at >= 2:
+        if data[at - 2] == 0x6A:  # the external_data field tag, then the entry's length, then the key
+            raise BundleError(f"{onnx_path}: the model keeps weights in an external data file; bundles must hold "
+                              "every weight inside features.onnx (covered by its sha256): re-export the bundle")
+        at = data.find(_EXTERNAL_LOCATION, at + 1)
+
+
+def check_shape(onnx_path: Path, name: str, declared: Any, expected: Tuple[int, ...]) -> None:
+    """The network's declared shape of `name` (batch dimension first, then `expected`) must match the manifest;
+    symbolic dimensions are not compared."""
+    if declared is None:
+        return
+    dims = list(declared)[1:]
+    if len(dims) != len(expected) or any(isinstance(d, int) and d != e for d, e in zip(dims, expected)):
+        raise BundleError(f"{onnx_path}: {name} has shape {list(declared)}, the manifest says "
+                          f"[B, {', '.join(map(str, expected))}]; the bundle is inconsistent: re-export it")
+
 
 class SingleOutputBackend:
     """A backend whose `features(batch)` returns the one output (TensorRT engines of single-output networks)."""
 
-    def __init__(self, inner: Any, output_name: str) -> None:
+    def __init__(self, inner: Any, output_name: str, engine_file: Optional[str] = None, precision: str = "fp32"
+                 ) -> None:
         self.inner = inner
         self.output_name = output_name
+        self.engine_file = engine_file
+        self.precision = precision
         self.name = inner.name
         self.max_batch = getattr(inner, "max_batch", None)
 
@@ -113,14 +159,19 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] =
         engine, reason = find_engine(bundle)
         if engine is not None:
             runner = open_engine(bundle, engine)
-            return SingleOutputBackend(runner, features.output_name), f"TensorRT engine {engine['file']}"
+            backend_used = SingleOutputBackend(runner, features.output_name, engine_file=str(engine["file"]),
+                                               precision=str(engine.get("precision", "unknown")))
+            return backend_used, f"TensorRT engine {engine['file']}"
         if backend == "tensorrt":
             raise BundleError(f"{bundle.path}: no usable TensorRT engine ({reason})")
         note = f"ONNX Runtime ({reason})"
     else:
         note = "ONNX Runtime (asked for)"
+    spec = bundle.input_spec
+    shapes: Dict[str, Tuple[int, ...]] = {features.input_name: (3, spec.height, spec.width),
+                                          features.output_name: (*features.grid, features.dim)}
     ort_backend = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
-                                      threads=threads)
+                                      threads=threads, shapes=shapes)
     return ort_backend, note
 
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 from ..cpu import available_cores
-from ..decision import Calibration, load_for_bundle
+from ..decision import REDO_CALIBRATION, Calibration, load_for_bundle, setup_mismatch
 from ..imageio import ImageReadError, read_rgb
-from ..maps import anomaly_map
+from ..maps import anomaly_map, map_reach_cells
 from ..methods import Scorer, ScorerOptions, UnknownMethod, scorer_class
 from ..preprocess import (Geometry, Tile, geometry, map_to_image, patch_validity, preprocess, region_mask,
                           stitch_maps)
@@ -88,6 +88,13 @@ class Detector:
         self.backend = backend
         self.backend_note = backend_note
         self.scorer = scorer
+        # A calibration made with another backend, engine, precision, search setting or version is not applied:
+        # scores still flow, decisions do not, and `calibration_refused` says why and what to do (issue 11, 1).
+        self.calibration_refused: Optional[str] = None
+        problem = None if calibration is None else setup_mismatch(calibration, self.scored_with)
+        if problem is not None:
+            self.calibration_refused = f"calibration not applied, no decisions: {problem}; {REDO_CALIBRATION}"
+            calibration = None
         self.calibration = calibration
         self.spec = bundle.input_spec
         self.sigma = bundle.map_sigma
@@ -101,16 +108,30 @@ class Detector:
     def backend_name(self) -> str:
         return self.backend.name
 
+    @property
+    def scored_with(self) -> Dict[str, Any]:
+        """What this detector's scores depend on beyond the bundle's files (recorded by calibrate, compared on load)."""
+        from .. import __version__
+
+        engine = getattr(self.backend, "engine_file", None)
+        return {"backend": self.backend.name, "engine_file": engine,
+                "engine_sha256": self.bundle.file_sha256(engine) if engine and self.bundle.has_file(engine) else None,
+                "precision": getattr(self.backend, "precision", "fp32"), "method": dict(self.scorer.settings()),
+                "toolkit_version": __version__}
+
     @classmethod
-    def load(cls, bundle_dir: Union[str, Path], backend: str = "auto", ef: Optional[int] = None,
+    def load(cls, bundle_dir: Union[str, Path, Bundle], backend: str = "auto", ef: Optional[int] = None,
              exact_search: bool = False, threads: Optional[int] = None, verify: bool = True,
              ignore_calibration: bool = False) -> "Detector":
         """Validate and load a bundle. Raises BundleError naming the file and the fix when anything is off.
 
         ignore_calibration=True leaves the bundle's calibration unread (decisions stay None): the calibrate
-        command uses it, so that it can replace a damaged calibration file.
+        command uses it, so that it can replace a damaged calibration file. A calibration made with another
+        set-up (backend, engine, precision, search settings, version) is not applied: `calibration_refused`.
         """
-        bundle = Bundle.load(bundle_dir, verify=verify, verify_calibration=not ignore_calibration)
+        # A Bundle already loaded by the caller is used as it is: its files were verified once, not twice.
+        bundle = (bundle_dir if isinstance(bundle_dir, Bundle)
+                  else Bundle.load(bundle_dir, verify=verify, verify_calibration=not ignore_calibration))
         # One budget for the whole runtime: the network and the search run one after the other, each on all
         # the cores this process may use (never the machine's count, which `taskset` or a cpuset may cut).
         threads = threads or available_cores()
@@ -118,14 +139,17 @@ class Detector:
             method = scorer_class(bundle.method.name)
         except UnknownMethod as error:
             raise BundleError(f"{bundle.path}: {error}") from None
-        scorer = method.load(bundle, ScorerOptions(ef=ef, exact_search=exact_search, threads=threads))
-        features_backend, note = open_backend(bundle, backend, threads)
         try:
             current = None if ignore_calibration else load_for_bundle(bundle)
         except (OSError, ValueError) as error:
-            features_backend.close()
             raise BundleError(f"{error}; roll the calibration back with `patchcore-edge calibrate BUNDLE --rollback` "
                               "or calibrate again") from None
+        # With a pixel threshold the method makes its map exact wherever a mask can appear (issue 11, item 3).
+        level = current.pixel.threshold if current is not None and current.pixel is not None else None
+        reach = map_reach_cells(bundle.features.grid, bundle.input_spec.crop, bundle.map_sigma)
+        scorer = method.load(bundle, ScorerOptions(ef=ef, exact_search=exact_search, threads=threads,
+                                                   exact_map_above=level, exact_map_reach=reach))
+        features_backend, note = open_backend(bundle, backend, threads)
         return cls(bundle, features_backend, note, scorer, current)
 
     def __enter__(self) -> "Detector":

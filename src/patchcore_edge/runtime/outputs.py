@@ -194,7 +194,13 @@ class MapWriter:
         self._error: Optional[BaseException] = None
 
     def paths(self, name: str) -> Dict[str, Path]:
-        return {kind: self.outdir / (name + suffix) for kind, suffix in SUFFIXES.items()}
+        paths = {kind: self.outdir / (name + suffix) for kind, suffix in SUFFIXES.items()}
+        root = self.outdir.resolve()
+        for path in paths.values():
+            # Output names come from sources.py without ".."; this keeps any other name out too.
+            if not path.resolve().is_relative_to(root):
+                raise OutputError(f"{path}: output name {name!r} leads outside the output folder {self.outdir}")
+        return paths
 
     def _check(self) -> None:
         still: List[Future[None]] = []
@@ -212,6 +218,13 @@ class MapWriter:
     def write(self, name: str, anomaly_map: Optional[np.ndarray], mask: Optional[np.ndarray] = None,
               image_rgb: Optional[np.ndarray] = None, score: Optional[float] = None) -> Dict[str, str]:
         """Queue the PNGs of one image; returns {kind: path} of the files it writes."""
+        return self.submit(name, anomaly_map, mask, image_rgb, score)[0]
+
+    def submit(self, name: str, anomaly_map: Optional[np.ndarray], mask: Optional[np.ndarray] = None,
+               image_rgb: Optional[np.ndarray] = None, score: Optional[float] = None
+               ) -> Tuple[Dict[str, str], "Optional[Future[None]]"]:
+        """Like `write`, plus the pending write (None when written inline or nothing to write): a record lists
+        the files only once it is done, so a JSON line never names a file that was not written."""
         self._check()
         jobs: List[Tuple[Path, str]] = []
         paths = self.paths(name)
@@ -229,9 +242,10 @@ class MapWriter:
         if mask is not None:
             jobs.append((paths["mask"], "mask"))
         if not jobs:
-            return {}
+            return {}, None
         scale = self.scale
         work = (anomaly_map, mask, image_rgb, scale, jobs)
+        future: "Optional[Future[None]]" = None
         if self._pool is None or self._slots is None:
             self._render(*work)
         else:
@@ -239,7 +253,7 @@ class MapWriter:
             future = self._pool.submit(self._render, *work)
             future.add_done_callback(lambda _: self._slots.release())  # type: ignore[union-attr]
             self._pending.append(future)
-        return {kind: str(path) for path, kind in jobs}
+        return {kind: str(path) for path, kind in jobs}, future
 
     @staticmethod
     def _render(anomaly_map: Optional[np.ndarray], mask: Optional[np.ndarray],
@@ -309,21 +323,44 @@ class JsonLinesWriter:
 
     def __init__(self, target: Optional[Path] = None, stream: Optional[IO[str]] = None) -> None:
         self._owned = target is not None
+        self.target = target
         if target is not None:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             self._stream: IO[str] = open(target, "w", encoding="utf-8")
         else:
             self._stream = stream if stream is not None else sys.stdout
         self.lines = 0
+        self._good_bytes = 0
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._stream.write(json.dumps(record, allow_nan=False) + "\n")
-        self._stream.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
+        try:
+            self._stream.write(line)
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            if self.target is None:
+                raise
+            self._cut_partial_line()
+            raise OutputError(f"cannot write {self.target}: {error.strerror or error} (the {self.lines} lines "
+                              "before are complete)") from None
         self.lines += 1
+        self._good_bytes += len(line.encode("utf-8"))
+
+    def _cut_partial_line(self) -> None:
+        # A full disk can leave half a line: cut the file back to the last complete one, so every line parses.
+        try:
+            os.truncate(str(self.target), self._good_bytes)
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._owned:
-            self._stream.close()
+            try:
+                self._stream.close()
+            except OSError:
+                self._cut_partial_line()  # buffered bytes that could not be written: the lines stay whole
 
 
 @dataclass

@@ -36,7 +36,7 @@ from typing import (Callable, Generator, Iterable, Iterator, List, Optional, Pro
 import cv2
 import numpy as np
 
-from patchcore_edge.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_rgb, to_rgb8
+from patchcore_edge.imageio import IMAGE_SUFFIXES, ImageReadError, list_images, read_rgb, skip_reason, to_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +305,10 @@ class _Names:
 
 
 def _relative_name(path: Path, base: Path) -> str:
+    # A ".." in a glob (`in/*/../../x/*.png`) must not lead an output name out of the output folder: each
+    # ".." becomes a plain folder named "__".
     relative = path.relative_to(base).with_suffix("")
-    return relative.as_posix()
+    return "/".join("__" if part == ".." else part for part in relative.parts if part not in ("", ".", "/"))
 
 
 def _root_name(path: Path, fallback: str) -> str:
@@ -356,6 +358,8 @@ def classify(argument: str) -> str:
         return "folder"
     if path.is_file():
         return "video" if path.suffix.lower() in VIDEO_SUFFIXES else "image"
+    if path.is_symlink() or path.exists():
+        return "image"  # a dangling link, FIFO or device: reading it reports why it is skipped, never blocks
     if "!" in argument:
         return "gstreamer"
     if _URL.match(argument):
@@ -399,7 +403,13 @@ def plan_inputs(arguments: Sequence[str], recursive: bool = True, max_frames: Op
             matches = sorted(Path(match) for match in globmod.glob(argument, recursive=True))
             entries = []
             for match in matches:
-                if not match.is_file() or match.name.startswith("."):
+                if match.name.startswith("."):
+                    continue
+                special = skip_reason(match)
+                if special == "folder":
+                    continue
+                if special is not None:
+                    skipped.append(ImageReadError(match, special))
                     continue
                 if match.suffix.lower() in VIDEO_SUFFIXES:
                     skipped.append(ImageReadError(match, "a video matched by a glob: name videos separately"))

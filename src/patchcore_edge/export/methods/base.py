@@ -71,6 +71,11 @@ class MethodSettings:
     rerank: int = 8
     reduction: Optional[str] = None  # channel reduction order (features.REDUCTIONS); None: the default
     layers: Optional[Tuple[str, str]] = None  # the two stages; None: the backbone's measured default
+    # Coreset at scale (export/coreset_select.py): method, a device profile capping the bank, a Dask scheduler.
+    coreset_method: str = "auto"
+    device_profile: Optional[str] = None
+    dask: Optional[str] = None
+    crop: int = 224
 
 
 class MethodExporter(abc.ABC):

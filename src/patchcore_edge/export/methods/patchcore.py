@@ -3,10 +3,11 @@ self-neighbours for the re-weighting, an HNSW index, and leave-one-image-out tra
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +15,11 @@ import torch
 from ... import search
 from ...preprocess import InputSpec
 from ..backbones import BackboneError
-from ..coreset import CoresetInputError, coreset_size, coverage_radius, greedy_coreset
+from ..coreset import CoresetInputError, coreset_size
+from ..coreset_cells import run_in_process
+from .. import coreset_select
+from ..coreset_select import CoresetResult, capped_size, select_coreset
+from ..distributed import DaskUnavailable, dask_client, dask_runner
 from ..features import build_extractor
 from ..heldout import leave_one_image_out_scores
 from .base import FittedMethod, Log, MethodExporter, MethodSettings, NetworkInfo, Progress
@@ -37,6 +42,8 @@ class PatchCoreExporter(MethodExporter):
         except BackboneError as error:
             raise MethodExportError(str(error)) from None
         self._grid = info.grid
+        # float32 weights: what features.onnx will weigh, for the device-profile size cap.
+        self._network_bytes = 4 * sum(int(p.numel()) for p in extractor.parameters())
         return extractor, NetworkInfo(outputs=(OUTPUT,), dim=int(info.feature_dim), grid=info.grid,
                                       stride=int(info.stride), backbone=info.backbone_manifest(),
                                       layers=tuple(info.layers), extra=info.extra_manifest())
@@ -47,25 +54,23 @@ class PatchCoreExporter(MethodExporter):
         features = np.ascontiguousarray(grid.reshape(-1, grid.shape[-1]), dtype=np.float32)
         patches_per_image = int(grid.shape[1] * grid.shape[2])
         seconds: Dict[str, float] = {}
-        start = time.perf_counter()
         try:
-            ratio = None if settings.coreset_size is not None else settings.coreset_ratio
-            size = coreset_size(features.shape[0], ratio=ratio, size=settings.coreset_size)
-            selected = greedy_coreset(features, size, projection_dim=settings.projection_dim, seed=settings.seed,
-                                      device=settings.device,
-                                      progress=lambda done, total: progress("coreset", done, total))
+            selection, size_note = self._select(settings, features, grid,
+                                                lambda done, total: progress("coreset", done, total))
         except CoresetInputError as error:
             raise MethodExportError(f"coreset: {error}") from None
-        seconds["coreset"] = time.perf_counter() - start
+        seconds["coreset"] = selection.seconds
+        selected = selection.indices
+        radius = selection.radius
         bank = np.ascontiguousarray(features[selected], dtype=np.float32)
-        # The exact radius costs a pass of N x size distances: worth it for a summary line up to a few hundred
-        # thousand patches, not beyond.
-        radius = coverage_radius(features, selected) if features.shape[0] * size <= 4e9 else None
 
         start = time.perf_counter()
+        progress("index", 0, 3)
         b = min(settings.reweight_neighbours, bank.shape[0])
         neighbours = search.bank_neighbours(bank, b).astype(np.int32)
+        progress("index", 1, 3)
         held_out = leave_one_image_out_scores(features, patches_per_image, selected, bank, neighbours)
+        progress("index", 2, 3)
         index_params = {
             "M": settings.hnsw_m or search.DEFAULT_M,
             "ef_construction": settings.ef_construction or search.DEFAULT_EF_CONSTRUCTION,
@@ -77,19 +82,52 @@ class PatchCoreExporter(MethodExporter):
             path = Path(folder) / "index.hnsw"
             search.save_index(index, path)
             index_bytes = path.read_bytes()
+        progress("index", 3, 3)
         seconds["index"] = time.perf_counter() - start
         patches = int(features.shape[0])
         params: Dict[str, Any] = {
             "reweight_neighbours": int(b), "rerank": int(settings.rerank),
-            "coreset": {"method": "greedy k-center", "size": int(bank.shape[0]), "patches": patches,
+            "coreset": {"size": int(bank.shape[0]), "patches": patches,
                         "ratio": float(bank.shape[0] / max(1, patches)),
                         "projection_dim": int(settings.projection_dim), "seed": int(settings.seed),
-                        "coverage_radius": radius},
+                        **selection.to_manifest(), "size_limit": size_note or None},
             "index": {"library": "hnswlib", "space": "l2", **index_params, "seed": int(settings.seed)},
         }
         return FittedMethod(
             arrays={"memory_bank": bank, "bank_neighbours": neighbours},
             files={"index.hnsw": index_bytes}, file_roles={"index": "index.hnsw"}, params=params,
             summary={"patches": patches, "coreset_size": int(bank.shape[0]), "bank_mb": bank.nbytes / 2**20,
-                     "coverage_radius": radius, "seconds": seconds},
+                     "coverage_radius": radius, "seconds": seconds,
+                     "coreset_note": f"{selection.method}, radius {selection.radius_text()}"
+                                     + (f"; {size_note}" if size_note else "")},
             training_scores=held_out)
+
+    def _select(self, settings: MethodSettings, features: np.ndarray, grid: np.ndarray,
+                progress: Callable[[int, int], None]) -> Tuple[CoresetResult, str]:
+        """The coreset by settings.coreset_method, capped by the device profile, on Dask when asked."""
+        ratio = None if settings.coreset_size is not None else settings.coreset_ratio
+        size = coreset_size(features.shape[0], ratio=ratio, size=settings.coreset_size)
+        note = ""
+        if settings.device_profile:
+            limit, reason = coreset_select.bank_size_limit(settings.device_profile, int(grid.shape[-1]),
+                                            (int(grid.shape[1]), int(grid.shape[2])), int(settings.crop),
+                                            self._network_bytes, settings.hnsw_m or search.DEFAULT_M,
+                                            settings.reweight_neighbours)
+            if limit < size:
+                note = f"capped from {size:,} to {limit:,} by the {reason}"
+            size = capped_size(size, limit)
+        method = settings.coreset_method
+        if settings.dask and method == "auto":
+            method = "partitioned"  # the selection that runs on a cluster
+        client_context: Any = contextlib.nullcontext(None)
+        if settings.dask and method == "partitioned":
+            client_context = dask_client(settings.dask)
+        try:
+            with client_context as client:
+                result = select_coreset(features, size, method=method, projection_dim=settings.projection_dim,
+                                        seed=settings.seed, device=settings.device,
+                                        runner=run_in_process if client is None else dask_runner(client),
+                                        progress=progress)
+        except DaskUnavailable as error:
+            raise MethodExportError(str(error)) from None
+        return result, note

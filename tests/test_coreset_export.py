@@ -1,0 +1,76 @@
+"""The export's coreset options end to end: method, device-profile cap, Dask, manifest record, progress lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_nominal_folder
+from patchcore_edge.bundle import read_manifest
+from patchcore_edge.cli import main
+
+pytest.importorskip("torch")
+
+SMALL = ["--resize", "72", "--crop", "64", "--coreset-ratio", "0.25", "--no-engine"]
+
+
+def test_partitioned_export_records_the_selection_and_prints_progress_lines(tmp_path: Path) -> None:
+    folder = make_nominal_folder(tmp_path / "good", count=6, size=80)
+    result = CliRunner().invoke(main, ["export", str(folder), "-o", str(tmp_path / "b"), *SMALL,
+                                       "--coreset-method", "partitioned"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    coreset = read_manifest(tmp_path / "b")["method"]["params"]["coreset"]
+    assert coreset["selection"] == "partitioned" and coreset["seconds"] >= 0 and coreset["cells"] >= 1
+    assert coreset["coverage_radius"] > 0 and coreset["coverage_radius_bound"] >= coreset["coverage_radius"] * (
+        1 - 1e-5)
+    # CliRunner's stderr is no terminal: every stage still reports, in lines, up to done.
+    for stage in ("features", "coreset", "index", "onnx"):
+        assert any(line.startswith(f"{stage}:") and "(100%)" in line for line in result.stderr.splitlines()), \
+            result.stderr
+    assert "selection" in result.stdout and "partitioned, radius" in result.stdout
+
+
+def test_dask_local_export_gives_the_in_process_bank(tmp_path: Path) -> None:
+    pytest.importorskip("dask.distributed")
+    folder = make_nominal_folder(tmp_path / "good", count=6, size=80)
+    banks = []
+    for name, extra in (("plain", []), ("dask", ["--dask", "local"])):
+        result = CliRunner().invoke(main, ["export", str(folder), "-o", str(tmp_path / name), *SMALL, "-q",
+                                           "--coreset-method", "partitioned", *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        banks.append(np.load(tmp_path / name / "memory_bank.npy"))
+    np.testing.assert_array_equal(banks[0], banks[1])
+
+
+@pytest.mark.parametrize("profile, message", [("cpu-only", "no memory size"), ("no-such-board", "no-such-board")])
+def test_bad_device_profile_is_one_line(tmp_path: Path, profile: str, message: str) -> None:
+    folder = make_nominal_folder(tmp_path / "good", count=6, size=80)
+    result = CliRunner().invoke(main, ["export", str(folder), "-o", str(tmp_path / "b"), *SMALL, "-q",
+                                       "--device-profile", profile])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_device_profile_caps_the_bank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from patchcore_edge.export import coreset_select
+
+    real = coreset_select.bank_size_limit
+    seen = {}
+
+    def tiny_limit(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["limit"] = real(*args, **kwargs)
+        return 40, "memory budget of test board"
+
+    monkeypatch.setattr(coreset_select, "bank_size_limit", tiny_limit)
+    folder = make_nominal_folder(tmp_path / "good", count=6, size=80)
+    result = CliRunner().invoke(main, ["export", str(folder), "-o", str(tmp_path / "b"), *SMALL, "-q",
+                                       "--device-profile", "jetson-orin-nano"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert seen["limit"][0] == 30_000  # the real profile's cap, computed on the real extractor
+    manifest = read_manifest(tmp_path / "b")
+    coreset = manifest["method"]["params"]["coreset"]
+    assert coreset["size"] == 40 and "capped from" in coreset["size_limit"]
+    assert "capped from" in result.stdout
