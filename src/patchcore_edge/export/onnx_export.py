@@ -112,7 +112,7 @@ def export_onnx(extractor: torch.nn.Module, path: Union[str, os.PathLike[str]], 
                 do_constant_folding=True, dynamo=False)
         model = onnx.load(str(partial))
         for position, shape in enumerate(expected):
-            _pin_output_shape(model, shape, position)
+            pin_output_shape(model, shape, position)
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, str(partial), save_as_external_data=False)
         os.replace(partial, target)
@@ -122,7 +122,7 @@ def export_onnx(extractor: torch.nn.Module, path: Union[str, os.PathLike[str]], 
     return target
 
 
-def _pin_output_shape(model: onnx.ModelProto, grid_and_dim: Tuple[int, ...], position: int = 0) -> None:
+def pin_output_shape(model: onnx.ModelProto, grid_and_dim: Tuple[int, ...], position: int = 0) -> None:
     """Declare an output as [batch, h, w, D]; the tracer leaves h, w, D symbolic (from its Shape ops)."""
     output = model.graph.output[position]
     dims = output.type.tensor_type.shape.dim

@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 import torch
 
-from ..onnx_export import ATOL, BATCH_AXIS, CPU_PROVIDER, CPU_RTOL, DEFAULT_OPSET, INPUT_NAME, OnnxParityError
+from ..onnx_export import (ATOL, BATCH_AXIS, CPU_PROVIDER, CPU_RTOL, DEFAULT_OPSET, INPUT_NAME, OnnxParityError,
+                           pin_output_shape)
 
 
 def export_grids(network: torch.nn.Module, path: Union[str, "os.PathLike[str]"], outputs: Sequence[str],
@@ -32,11 +33,8 @@ def export_grids(network: torch.nn.Module, path: Union[str, "os.PathLike[str]"],
             torch.onnx.export(network, (example,), str(partial), input_names=[INPUT_NAME], output_names=names,
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
         model = onnx.load(str(partial))
-        for output, shape in zip(model.graph.output, shapes):
-            dims = output.type.tensor_type.shape.dim
-            for dim, value in zip(list(dims)[1:], shape):
-                dim.ClearField("dim_param")
-                dim.dim_value = value
+        for position, shape in enumerate(shapes):
+            pin_output_shape(model, shape, position)
         onnx.checker.check_model(model, full_check=True)
         onnx.save_model(model, str(partial), save_as_external_data=False)
         os.replace(partial, target)
