@@ -129,3 +129,34 @@ def test_parity_on_real_elpv_images(real_model: RealModel, elpv_images: Path) ->
     batch = torch_preprocess_batch([read_rgb(p) for p in paths], InputSpec()).numpy()
     report = check_onnx_parity(extractor, path, batch)
     assert report.ok and report.max_rel < 1e-4
+
+
+class _TwoOutputs(torch.nn.Module):
+    """A patch grid and a pooled feature of very different scales (SPADE's pair of outputs)."""
+
+    def __init__(self, global_scale: float = 1000.0) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.global_scale = global_scale
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        grid = self.conv(x)
+        return grid.permute(0, 2, 3, 1).contiguous(), grid.mean(dim=(2, 3)) * self.global_scale
+
+
+def test_parity_checks_every_output_against_its_own_scale(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    network = _TwoOutputs()
+    path = export_onnx(network, tmp_path / "features.onnx", SMALL, output_names=("features", "global"))
+    batch = _batch(2, 64, seed=1)
+    report = check_onnx_parity(network, path, batch, providers=["CPUExecutionProvider"],
+                               output_names=("features", "global"))
+    assert report.ok and report.max_rel < 1e-5
+    # The second output off by 1% of its own scale, invisible next to the first one's tolerance alone, fails.
+    drifted = _TwoOutputs(global_scale=1010.0)
+    drifted.load_state_dict(network.state_dict())
+    with pytest.raises(OnnxParityError, match="'global'"):
+        check_onnx_parity(drifted, path, batch, providers=["CPUExecutionProvider"],
+                          output_names=("features", "global"))
+    with pytest.raises(ValueError, match="2 outputs, 1 names"):
+        check_onnx_parity(network, path, batch, providers=["CPUExecutionProvider"])

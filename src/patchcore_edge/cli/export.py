@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import click
 
+from ..methods import method_names
 from ..preprocess import FITS
 from ..progress import StageBars
 
@@ -30,6 +31,11 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
 @click.command("export")
 @click.argument("nominal_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
+@click.option("--method", type=click.Choice(method_names()), default="patchcore", show_default=True,
+              help="Scoring method of the bundle (README: which to pick when).")
+@click.option("--method-param", "method_params", multiple=True, metavar="NAME=VALUE",
+              help="One of the method's own parameters (repeatable); a wrong name is refused with the list of "
+                   "those the method takes.")
 @click.option("--backbone", type=click.Choice(BACKBONE_CHOICES), default="mobilenet_v2", show_default=True)
 @click.option("--weights", default=None, metavar="FILE|random",
               help="ImageNet weights (torchvision state_dict .pth). Default: the offline package for mobilenet_v2, "
@@ -67,13 +73,13 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
               help="Build a TensorRT engine when TensorRT and a GPU are present.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle: any other folder is refused).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Optional[str], fit: str,
+def export_command(nominal_dir: Path, output: Path, method: str, method_params: Tuple[str, ...], backbone: str, weights: Optional[str], fit: str,
                    input_size: Optional[Tuple[int, int]], resize: int, crop: int, tile: Optional[int],
                    tile_overlap: int, roi_file: Optional[Path],
                    feature_dim: Optional[int], coreset_ratio: float, coreset_size: Optional[int], projection_dim: int,
                    coreset_method: str, device_profile: Optional[str], dask_address: Optional[str], device: str, seed: int, batch_size: int, ef: Optional[int], engine: bool, force: bool,
                    quiet: bool) -> None:
-    """Build a PatchCore bundle from a folder of defect-free images."""
+    """Build a bundle (PatchCore by default, see --method) from a folder of defect-free images."""
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -81,7 +87,8 @@ def export_command(nominal_dir: Path, output: Path, backbone: str, weights: Opti
     from ..bundle import BundleError
     from ..export.pipeline import ExportError, ExportOptions, export_bundle
 
-    options = ExportOptions(nominal_dir=nominal_dir, output=output, backbone=backbone, weights=weights,
+    options = ExportOptions(nominal_dir=nominal_dir, output=output, method=method, method_params=method_params,
+                            backbone=backbone, weights=weights,
                             fit=fit, input_size=input_size, tile=tile, tile_overlap=tile_overlap,
                             roi=None if roi_file is None else read_roi(roi_file),
                             resize=resize, crop=crop, feature_dim=feature_dim, coreset_ratio=coreset_ratio,

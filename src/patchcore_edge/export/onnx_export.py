@@ -58,10 +58,12 @@ class ParityReport:
     providers: Tuple[str, ...]
     reference_max: float
     batch: int
+    output: str = OUTPUT_NAME  # the output with that difference
 
     def describe(self) -> str:
         verdict = "within" if self.ok else "EXCEEDS"
-        return (f"max |onnx - torch| = {self.max_abs:.3e} (relative {self.max_rel:.3e}) on {self.batch} "
+        return (f"max |onnx - torch| = {self.max_abs:.3e} (relative {self.max_rel:.3e}) in output "
+                f"{self.output!r} on {self.batch} "
                 f"image(s) with {self.provider}, {verdict} the tolerance {self.tolerance:.3e}")
 
 
@@ -149,7 +151,8 @@ def _rtol(provider: str) -> float:
     return CPU_RTOL if provider == CPU_PROVIDER else GPU_RTOL
 
 
-def _run_onnx(onnx_path: Path, batch: np.ndarray, provider: str, threads: Optional[int]) -> np.ndarray:
+def _run_onnx(onnx_path: Path, batch: np.ndarray, provider: str, threads: Optional[int],
+              output_names: Sequence[str]) -> Dict[str, np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -163,24 +166,28 @@ def _run_onnx(onnx_path: Path, batch: np.ndarray, provider: str, threads: Option
         raise OnnxModelError(onnx_path, f"ONNX Runtime cannot load it ({str(error).strip()[:300]})") from None
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
-        raise OnnxModelError(onnx_path, f"expected input {INPUT_NAME!r} and output {OUTPUT_NAME!r}, the "
+    if inputs != [INPUT_NAME] or any(name not in outputs for name in output_names):
+        raise OnnxModelError(onnx_path, f"expected input {INPUT_NAME!r} and outputs {list(output_names)}, the "
                                         f"model has inputs {inputs} and outputs {outputs}")
     try:
-        return np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0])
+        values = session.run(list(output_names), {INPUT_NAME: batch})
     except Exception as error:  # a model that loads but cannot run this input (wrong input size, say)
         raise OnnxModelError(onnx_path, f"ONNX Runtime failed on a batch of shape {batch.shape} "
                                         f"({str(error).strip()[:300]})") from None
+    return {name: np.asarray(value) for name, value in zip(output_names, values)}
 
 
 def check_onnx_parity(extractor: torch.nn.Module, onnx_path: Union[str, os.PathLike[str]],
                       batch: np.ndarray, providers: Optional[Sequence[str]] = None, *,
-                      threads: Optional[int] = None, raise_on_failure: bool = True) -> ParityReport:
-    """Run `batch` (float32 [B, 3, crop, crop], normalised) through torch and ONNX Runtime and compare.
+                      threads: Optional[int] = None, raise_on_failure: bool = True,
+                      output_names: Sequence[str] = (OUTPUT_NAME,)) -> ParityReport:
+    """Run `batch` (float32 [B, 3, H, W], normalised) through torch and ONNX Runtime and compare every output.
 
-    providers: ONNX Runtime execution providers to check, each on its own; default CPU, plus CUDA when
-    available. Raises OnnxParityError (with the numbers) when a provider exceeds its tolerance, unless
-    raise_on_failure is False, in which case the report says ok=False.
+    The module returns one tensor or a tuple named `output_names` in order; each output is held to the
+    tolerance relative to its own scale (a global feature and a patch grid differ in magnitude). providers:
+    ONNX Runtime execution providers to check, each on its own; default CPU, plus CUDA when available. Raises
+    OnnxParityError (with the numbers) when an output exceeds its tolerance on a provider, unless
+    raise_on_failure is False, in which case the report says ok=False. The report is the worst output.
     """
     path = Path(onnx_path)
     if not path.is_file():
@@ -189,32 +196,40 @@ def check_onnx_parity(extractor: torch.nn.Module, onnx_path: Union[str, os.PathL
     if batch.ndim != 4 or batch.shape[1] != 3 or batch.shape[0] < 1:
         raise ValueError(f"expected a batch of shape [B, 3, H, W], got {batch.shape}")
     batch = np.ascontiguousarray(batch, dtype=np.float32)
+    names = list(output_names)
 
     extractor = extractor.eval()
     with torch.no_grad():
-        reference = extractor(torch.from_numpy(batch).to(_module_device(extractor))).cpu().numpy()
-    reference64 = reference.astype(np.float64)
-    reference_max = float(np.abs(reference64).max())
+        returned = extractor(torch.from_numpy(batch).to(_module_device(extractor)))
+    tensors = list(returned) if isinstance(returned, (tuple, list)) else [returned]
+    if len(tensors) != len(names):
+        raise ValueError(f"the network returns {len(tensors)} outputs, {len(names)} names given")
+    references = {name: t.cpu().numpy().astype(np.float64) for name, t in zip(names, tensors)}
+    scales = {name: float(np.abs(r).max()) for name, r in references.items()}
 
     chosen = list(providers) if providers is not None else _available_providers()
     if not chosen:
         raise ValueError("no ONNX Runtime provider to check")
-    results: Dict[str, Tuple[float, float]] = {}
+    # (provider, output) -> (max |difference|, tolerance)
+    results: Dict[Tuple[str, str], Tuple[float, float]] = {}
     for provider in chosen:
-        output = _run_onnx(path, batch, provider, threads)
-        if output.shape != reference.shape:
-            raise OnnxParityError(f"{path}: ONNX Runtime ({provider}) returns shape {output.shape}, torch "
-                                  f"{reference.shape}")
-        difference = np.abs(output.astype(np.float64) - reference64)
-        # NaN in either output must fail the check, which a plain max() would hide.
-        max_abs = float(difference.max()) if np.isfinite(difference).all() else float("inf")
-        results[provider] = (max_abs, _rtol(provider) * reference_max + ATOL)
+        got = _run_onnx(path, batch, provider, threads, names)
+        for name in names:
+            if got[name].shape != references[name].shape:
+                raise OnnxParityError(f"{path}: ONNX Runtime ({provider}) returns shape {got[name].shape} for "
+                                      f"{name!r}, torch {references[name].shape}")
+            difference = np.abs(got[name].astype(np.float64) - references[name])
+            # NaN in either output must fail the check, which a plain max() would hide.
+            max_abs = float(difference.max()) if np.isfinite(difference).all() else float("inf")
+            results[(provider, name)] = (max_abs, _rtol(provider) * scales[name] + ATOL)
 
-    worst = max(results, key=lambda p: results[p][0] / results[p][1])
+    worst = max(results, key=lambda key: results[key][0] / results[key][1])
     max_abs, tolerance = results[worst]
+    reference_max = scales[worst[1]]
     report = ParityReport(max_abs=max_abs, max_rel=max_abs / reference_max if reference_max > 0 else max_abs,
-                          tolerance=tolerance, ok=all(d <= t for d, t in results.values()), provider=worst,
-                          providers=tuple(chosen), reference_max=reference_max, batch=int(batch.shape[0]))
+                          tolerance=tolerance, ok=all(d <= t for d, t in results.values()), provider=worst[0],
+                          providers=tuple(chosen), reference_max=reference_max, batch=int(batch.shape[0]),
+                          output=worst[1])
     if raise_on_failure and not report.ok:
         raise OnnxParityError(f"{path}: {report.describe()}", report)
     return report

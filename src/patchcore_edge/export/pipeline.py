@@ -38,6 +38,7 @@ class ExportOptions:
     nominal_dir: Path
     output: Path
     method: str = "patchcore"
+    method_params: Sequence[str] = ()  # NAME=VALUE texts of the method's own parameters (--method-param)
     backbone: str = "mobilenet_v2"
     weights: Optional[str] = None
     resize: int = 256
@@ -193,8 +194,8 @@ def check_options(options: ExportOptions) -> None:
     check_replaceable(output, options.force)
 
 
-def _settings(options: ExportOptions, spec: InputSpec) -> MethodSettings:
-    return MethodSettings(
+def _settings(options: ExportOptions, spec: InputSpec, params: Dict[str, Any]) -> MethodSettings:
+    return MethodSettings(method_params=params,
         backbone=options.backbone, weights=options.weights, feature_dim=options.feature_dim,
         coreset_ratio=options.coreset_ratio, coreset_size=options.coreset_size,
         projection_dim=options.projection_dim, device=options.device, seed=options.seed, hnsw_m=options.hnsw_m,
@@ -214,7 +215,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     import torch
 
     from .backbones import get_spec
-    from .methods import get_exporter
+    from .methods import get_exporter, method_params
     from .methods.patchcore import MethodExportError
     from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
 
@@ -223,6 +224,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     check_options(options)
     try:
         method = get_exporter(options.method)
+        params = method_params(method, options.method_params)
         # The normalisation is the one the backbone's weights were trained with (backbones.BackboneSpec).
         normalisation = get_spec(options.backbone)
         spec = InputSpec(resize=options.resize, crop=options.crop, fit=options.fit, size=options.input_size,
@@ -231,7 +233,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     except ValueError as error:
         raise ExportError(str(error)) from None
     log(f"input: {spec.describe()}")
-    settings = _settings(options, spec)
+    settings = _settings(options, spec, params)
     paths, skipped = scan_nominal(Path(options.nominal_dir) if images is None else images)
 
     torch.manual_seed(options.seed)
@@ -285,7 +287,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         onnx_path = staging / "features.onnx"
         try:
             export_onnx(network.cpu(), onnx_path, spec, output_names=info.outputs)
-            parity = check_onnx_parity(network, onnx_path, np.stack(samples[: max(1, options.parity_images)]))
+            parity = check_onnx_parity(network, onnx_path, np.stack(samples[: max(1, options.parity_images)]),
+                                       output_names=info.outputs)
         except OnnxParityError as error:
             raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with torch: {error}") from None
         except OnnxModelError as error:

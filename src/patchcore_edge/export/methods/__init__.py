@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
-from .base import FittedMethod, MethodExporter, MethodSettings, NetworkInfo
+from .base import FittedMethod, MethodExporter, MethodParameter, MethodSettings, NetworkInfo
 
 _EXPORTERS: Dict[str, str] = {
     "patchcore": "patchcore_edge.export.methods.patchcore:PatchCoreExporter",
@@ -25,4 +25,23 @@ def get_exporter(name: str) -> MethodExporter:
     return exporter
 
 
-__all__ = ["FittedMethod", "MethodExporter", "MethodSettings", "NetworkInfo", "exporter_names", "get_exporter"]
+def method_params(exporter: MethodExporter, pairs: Sequence[str]) -> Dict[str, Any]:
+    """The method's parameters from NAME=VALUE texts, defaults filled in; ValueError naming a bad one."""
+    known = {p.name: p for p in exporter.parameters}
+    values = {p.name: p.default for p in exporter.parameters}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ValueError(f"--method-param {pair!r}: expected NAME=VALUE")
+        if name not in known:
+            takes = ", ".join(sorted(known)) if known else "no parameters"
+            raise ValueError(f"--method-param {name}: method {exporter.name!r} takes {takes}")
+        try:
+            values[name] = known[name].parse(text.strip())
+        except ValueError as error:
+            raise ValueError(f"--method-param {error}") from None
+    return values
+
+
+__all__ = ["MethodParameter", "method_params", "FittedMethod", "MethodExporter", "MethodSettings", "NetworkInfo", "exporter_names", "get_exporter"]

@@ -53,6 +53,43 @@ class FittedMethod:
 
 
 @dataclass(frozen=True)
+class MethodParameter:
+    """A method's own export option, given as `--method-param NAME=VALUE` (one way for every method)."""
+
+    name: str
+    kind: type  # int, float, str or bool
+    default: Any
+    help: str
+    choices: Optional[Tuple[str, ...]] = None
+    minimum: Optional[float] = None
+
+    def parse(self, text: str) -> Any:
+        """The value of `text`, or ValueError saying what this parameter takes."""
+        what = f"{self.name} must be {self.describe_kind()}, got {text!r}"
+        try:
+            if self.kind is bool:
+                lowered = text.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(what)
+                value: Any = lowered in ("true", "1", "yes")
+            else:
+                value = self.kind(text)
+        except ValueError:
+            raise ValueError(what) from None
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(what)
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(what)
+        return value
+
+    def describe_kind(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        kind = {int: "an integer", float: "a number", str: "text", bool: "true or false"}[self.kind]
+        return kind if self.minimum is None else f"{kind} >= {self.minimum:g}"
+
+
+@dataclass(frozen=True)
 class MethodSettings:
     """The export options every method may read (each method takes what applies to it)."""
 
@@ -76,12 +113,16 @@ class MethodSettings:
     device_profile: Optional[str] = None
     dask: Optional[str] = None
     crop: int = 224
+    # The method's own parameters (MethodExporter.parameters), parsed and complete (defaults filled in).
+    method_params: Dict[str, Any] = field(default_factory=dict)
 
 
 class MethodExporter(abc.ABC):
     """A method's export half. Subclasses set `name` and implement `network` and `fit`."""
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""  # one line for `export --help`
+    parameters: ClassVar[Tuple[MethodParameter, ...]] = ()
 
     @abc.abstractmethod
     def network(self, settings: MethodSettings, spec: InputSpec,
@@ -109,4 +150,5 @@ def no_log(message: str) -> None:
     pass
 
 
-__all__: List[str] = ["FittedMethod", "MethodExporter", "MethodSettings", "NetworkInfo", "Progress", "Log"]
+__all__: List[str] = ["FittedMethod", "MethodExporter", "MethodParameter", "MethodSettings", "NetworkInfo",
+                      "Progress", "Log"]
