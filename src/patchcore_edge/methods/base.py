@@ -71,6 +71,11 @@ class Scorer(abc.ABC):
         return {key: int(np.prod(record.shape)) * np.dtype(record.dtype).itemsize
                 for key, record in bundle.method.arrays.items()}
 
+    @classmethod
+    def memory_advice(cls, bundle: "Bundle") -> Optional[str]:
+        """What to change when the bundle does not fit a board (`devices fit`); None: the generic advice."""
+        return None
+
     def settings(self) -> Dict[str, object]:
         """What the scores depend on beyond the bundle files (PatchCore: ef, exact search), for calibration."""
         return {}
