@@ -157,6 +157,10 @@ def eval_command(bundle: Path, dataset_dir: Optional[Path], good: Optional[Path]
         detector = load_detector(bundle, backend, ef, exact_search, threads)
     except (BundleError, ValueError) as error:
         raise click.ClickException(str(error)) from None
+    assumes = detector.bundle.method.params.get("assumes")  # PaDiM: aligned parts
+    if isinstance(assumes, str):
+        click.echo(f"note: {detector.bundle.method.name} assumes {assumes}; parts that move or turn "
+                   "in the image score as anomalies", err=True)
     try:
         report = _run(detector, dataset, pixel_size, batch_size, quiet)
         report["settings"] = {"bundle": str(bundle), "backend": backend, "ef": ef,
