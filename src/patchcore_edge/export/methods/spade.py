@@ -4,6 +4,7 @@ arrays) and a torch reference scorer, written independently of the runtime's num
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -169,6 +170,7 @@ class SpadeExporter(MethodExporter):
         k, kappa = int(given.get("k", DEFAULT_K)), int(given.get("kappa", DEFAULT_KAPPA))
         dtype = str(given.get("gallery_dtype", "float32"))
         grids, pooled = outputs[GRID_OUTPUT], outputs[GLOBAL_OUTPUT]
+        start = time.perf_counter()
         progress("gallery", 0, 1)
         fitted = fit_spade(grids, pooled, k=k, kappa=kappa, gallery_dtype=dtype)
         error: Optional[Dict[str, Any]] = None
@@ -189,4 +191,5 @@ class SpadeExporter(MethodExporter):
             lines["float16 error"] = (f"max relative map difference {error['max_relative_map_difference']:.2e} on "
                                       f"{error['images']} training images (image scores unchanged)")
         return FittedMethod(arrays=fitted.arrays, params=params, training_scores=fitted.training_scores,
-                            summary={"patches": int(n * h * w), "bank_mb": gallery_mb, "lines": lines})
+                            summary={"patches": int(n * h * w), "bank_mb": gallery_mb, "lines": lines,
+                                     "seconds": {"gallery": time.perf_counter() - start}})
