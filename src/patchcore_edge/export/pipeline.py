@@ -89,6 +89,8 @@ class ExportSummary:
     engine_note: str
     seconds: Dict[str, float] = field(default_factory=dict)
     coreset_note: str = ""
+    method: str = "patchcore"
+    method_lines: Dict[str, str] = field(default_factory=dict)  # the method's own summary rows (label: text)
 
 
 def _quiet_progress(stage: str, done: int, total: int) -> None:
@@ -217,7 +219,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     from .backbones import get_spec
     from .methods import get_exporter, method_params
-    from .methods.patchcore import MethodExportError
+    from .methods.base import MethodExportError
     from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
 
     seconds: Dict[str, float] = {}
@@ -336,7 +338,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         coreset_size=int(summary.get("coreset_size", 0)), feature_dim=int(info.dim),
         bank_mb=float(summary.get("bank_mb", 0.0)), coverage_radius=summary.get("coverage_radius"),
         onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds,
-        coreset_note=str(summary.get("coreset_note", "")))
+        coreset_note=str(summary.get("coreset_note", "")), method=method.name,
+        method_lines={str(k): str(v) for k, v in summary.get("lines", {}).items()})
 
 
 def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[np.ndarray], staging: Path,

@@ -20,6 +20,10 @@ Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
 
+class MethodExportError(ValueError):
+    """A method's network or fit that cannot go on; the message says why."""
+
+
 @dataclass(frozen=True)
 class NetworkInfo:
     """The exported network, as the manifest records it.
@@ -118,6 +122,7 @@ class MethodSettings:
     device_profile: Optional[str] = None
     dask: Optional[str] = None
     crop: int = 224
+    gaussian_sigma: float = 4.0  # the pixel map's blur (methods whose image score is taken on the map)
     # The method's own parameters (MethodExporter.parameters), parsed and complete (defaults filled in).
     method_params: Dict[str, Any] = field(default_factory=dict)
 
@@ -155,5 +160,5 @@ def no_log(message: str) -> None:
     pass
 
 
-__all__: List[str] = ["FittedMethod", "MethodExporter", "MethodParameter", "MethodSettings", "NetworkInfo",
+__all__: List[str] = ["FittedMethod", "MethodExportError", "MethodExporter", "MethodParameter", "MethodSettings", "NetworkInfo",
                       "Progress", "Log"]
