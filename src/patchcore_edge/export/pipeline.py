@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, trt
 from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, check_replaceable, write_new_bundle
+from ..devices.engine import build_engine_into
 from ..imageio import ImageReadError, decode_rgb, list_images, read_image_bytes
 from ..preprocess import InputSpec
 from ..stats import quantiles
@@ -349,9 +350,6 @@ def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[n
     """
     if not options.engine:
         return "TensorRT engine: not requested (--no-engine)"
-    from .. import trt
-    from ..devices.engine import build_engine_into
-
     available, reason = trt.tensorrt_status()
     if not available:
         return f"TensorRT engine: skipped ({reason}); build it on the device with `patchcore-edge engine build`"
