@@ -268,6 +268,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         raise ExportError(f"{options.nominal_dir}: found {len(used)} usable image(s) (skipped {len(skipped)}); "
                           f"an export needs at least {MIN_IMAGES} images of good parts")
 
+    output_shapes = {name: [int(n) for n in outputs[name].shape[1:]] for name in info.outputs}
     try:
         fitted = method.fit(outputs, len(used), settings, progress, log)
     except MethodExportError as error:
@@ -316,7 +317,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 "dim": int(info.dim), "grid": [int(info.grid[0]), int(info.grid[1])],
                 "stride": int(info.stride), "local_neighbourhood": 3,
                 "onnx_file": "features.onnx", "input_name": "image", "output_name": info.outputs[0],
-                "outputs": list(info.outputs),
+                "outputs": list(info.outputs), "output_shapes": output_shapes,
                 "layout": "NHWC", "onnx_parity": {"max_abs_diff": float(parity.max_abs),
                                                    "tolerance": float(parity.tolerance),
                                                    "images": int(min(len(samples), options.parity_images))},
