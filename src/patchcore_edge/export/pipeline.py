@@ -216,7 +216,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     from .backbones import get_spec
     from .methods import get_exporter, method_params
-    from .methods.patchcore import MethodExportError
+    from .methods.base import MethodExportError
     from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
 
     seconds: Dict[str, float] = {}
@@ -247,6 +247,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 training_images.extend(torch_preprocess(piece, spec).numpy() for piece in spec.pieces(image)[1])
             except (ImageReadError, OSError):
                 pass  # listed as skipped by the feature pass below
+    method.attach(progress, log)
     try:
         network, info = method.network(settings, spec, training_images)
     except MethodExportError as error:
@@ -320,7 +321,9 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 **info.extra,
             },
             "method": {"name": method.name, "params": fitted.params, "arrays": arrays, "files": fitted.file_roles},
-            "score": {"distance": "euclidean", "gaussian_sigma": float(options.gaussian_sigma),
+            "score": {"distance": "euclidean",
+                      "gaussian_sigma": float(options.gaussian_sigma if fitted.map_sigma is None
+                                              else fitted.map_sigma),
                       # Quantiles of training images scored as new parts (for PatchCore: export/heldout.py).
                       "training_scores": quantiles(held_out) if held_out is not None and held_out.size else None},
             "engines": engines,

@@ -9,6 +9,8 @@ from .base import FittedMethod, MethodExporter, MethodParameter, MethodSettings,
 
 _EXPORTERS: Dict[str, str] = {
     "patchcore": "patchcore_edge.export.methods.patchcore:PatchCoreExporter",
+    "patch_svdd": "patchcore_edge.export.methods.patch_svdd:PatchSVDD",
+    "multiscale": "patchcore_edge.export.methods.multiscale:Multiscale",
 }
 
 

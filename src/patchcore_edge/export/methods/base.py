@@ -50,6 +50,13 @@ class FittedMethod:
     params: Dict[str, Any] = field(default_factory=dict)
     summary: Dict[str, Any] = field(default_factory=dict)
     training_scores: Optional[np.ndarray] = None
+    # Gaussian sigma of the pixel map when the method's inference fixes it (trained patch methods: 0, the
+    # paper's mean over covering patches); None: the export option.
+    map_sigma: Optional[float] = None
+
+
+class MethodExportError(ValueError):
+    """A method's network or fit that cannot go on; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,10 @@ class MethodExporter(abc.ABC):
         """True when `network` trains on the images (they are then kept in memory before the feature pass)."""
         return False
 
+    def attach(self, progress: Progress, log: Log) -> None:
+        """The export's progress and log callbacks, before `network` (a method that trains reports through
+        them); the default ignores them."""
+
 
 def no_progress(stage: str, done: int, total: int) -> None:
     pass
@@ -150,5 +161,5 @@ def no_log(message: str) -> None:
     pass
 
 
-__all__: List[str] = ["FittedMethod", "MethodExporter", "MethodParameter", "MethodSettings", "NetworkInfo",
+__all__: List[str] = ["FittedMethod", "MethodExportError", "MethodExporter", "MethodParameter", "MethodSettings", "NetworkInfo",
                       "Progress", "Log"]

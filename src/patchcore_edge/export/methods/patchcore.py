@@ -22,13 +22,10 @@ from ..coreset_select import CoresetResult, capped_size, select_coreset
 from ..distributed import DaskUnavailable, dask_client, dask_runner
 from ..features import build_extractor
 from ..heldout import leave_one_image_out_scores
-from .base import FittedMethod, Log, MethodExporter, MethodSettings, NetworkInfo, Progress
+from .base import FittedMethod, Log, MethodExporter, MethodExportError, MethodSettings, NetworkInfo, Progress
 
 OUTPUT = "features"
-
-
-class MethodExportError(ValueError):
-    """A method's fit that cannot go on; the message says why."""
+__all__ = ["MethodExportError", "PatchCoreExporter"]
 
 
 class PatchCoreExporter(MethodExporter):
