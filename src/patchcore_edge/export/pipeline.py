@@ -9,7 +9,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -194,16 +194,16 @@ def check_options(options: ExportOptions) -> None:
     check_replaceable(output, options.force)
 
 
+# MethodSettings fields the export derives; every other one is the ExportOptions field of the same name.
+_DERIVED_SETTINGS = ("crop", "method_params")
+
+
 def _settings(options: ExportOptions, spec: InputSpec, params: Dict[str, Any]) -> MethodSettings:
-    return MethodSettings(method_params=params,
-        backbone=options.backbone, weights=options.weights, feature_dim=options.feature_dim,
-        coreset_ratio=options.coreset_ratio, coreset_size=options.coreset_size,
-        projection_dim=options.projection_dim, device=options.device, seed=options.seed, hnsw_m=options.hnsw_m,
-        ef_construction=options.ef_construction, ef=options.ef, reweight_neighbours=options.reweight_neighbours,
-        rerank=options.rerank, reduction=options.reduction, layers=options.layers,
-        coreset_method=options.coreset_method, device_profile=options.device_profile, dask=options.dask,
-        # A non-square input counts as a square of its longer side in the device memory cap: never too small.
-        crop=max(spec.width, spec.height))
+    """What a method may read: ExportOptions' fields by name (a MethodSettings field ExportOptions lacks fails
+    here, never defaults silently), the parsed method parameters, and the crop of the memory cap."""
+    copied = {f.name: getattr(options, f.name) for f in fields(MethodSettings) if f.name not in _DERIVED_SETTINGS}
+    # A non-square input counts as a square of its longer side in the device memory cap: never too small.
+    return MethodSettings(**copied, crop=max(spec.width, spec.height), method_params=params)
 
 
 def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log,

@@ -71,6 +71,12 @@ class Scorer(abc.ABC):
         return {key: int(np.prod(record.shape)) * np.dtype(record.dtype).itemsize
                 for key, record in bundle.method.arrays.items()}
 
+    @classmethod
+    def caveats(cls, bundle: "Bundle") -> List[str]:
+        """Where this method's numbers need care on this bundle, one sentence each (`eval` prints them under
+        its tables; PaDiM: it assumes aligned parts). The default: none."""
+        return []
+
     def settings(self) -> Dict[str, object]:
         """What the scores depend on beyond the bundle files (PatchCore: ef, exact search), for calibration."""
         return {}
