@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -320,6 +320,12 @@ def _validate_method(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
     outputs = manifest["features"].get("outputs")
     _require(isinstance(outputs, list) and len(outputs) >= 1 and all(isinstance(o, str) for o in outputs),
              bundle_dir, "features.outputs must list the network's output names")
+    shapes = manifest["features"].get("output_shapes", {})
+    _require(isinstance(shapes, dict) and all(
+        name in outputs and isinstance(shape, list) and len(shape) == 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 65536 for n in shape)
+        for name, shape in shapes.items()), bundle_dir,
+        f"features.output_shapes must map output names to [h, w, dim], got {shapes!r}")
 
 
 def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
@@ -609,6 +615,13 @@ class FeaturesInfo:
     dim: int
     grid: Tuple[int, int]
     stride: int
+    # Each output's [h, w, dim] where they differ from [grid, dim] (multi-scale embedding grids:
+    # features.output_shapes); empty: every output is [grid, dim].
+    shapes: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
+
+    def output_shape(self, name: str) -> Tuple[int, ...]:
+        """[h, w, dim] of an output, batch excluded."""
+        return tuple(self.shapes.get(name, (*self.grid, self.dim)))
 
     @property
     def output_name(self) -> str:
@@ -649,7 +662,9 @@ class Bundle:
         self.features = FeaturesInfo(
             onnx_file=str(features["onnx_file"]), input_name=str(features["input_name"]),
             outputs=tuple(str(o) for o in features["outputs"]), dim=int(features["dim"]),
-            grid=(int(features["grid"][0]), int(features["grid"][1])), stride=int(features["stride"]))
+            grid=(int(features["grid"][0]), int(features["grid"][1])), stride=int(features["stride"]),
+            shapes=MappingProxyType({str(name): tuple(int(n) for n in shape)
+                                     for name, shape in features.get("output_shapes", {}).items()}))
         method = manifest["method"]
         self.method = MethodInfo(
             name=str(method["name"]), params=MappingProxyType(json.loads(json.dumps(method.get("params", {})))),

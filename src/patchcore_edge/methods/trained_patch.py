@@ -120,6 +120,15 @@ class TrainedPatchScorer(Scorer):
                                                 **found.details}))
         return results
 
+    @classmethod
+    def caveats(cls, bundle: "Bundle") -> List[str]:
+        training = bundle.method.params.get("training")
+        if not isinstance(training, Mapping):
+            return []
+        return [f"{cls.name}: encoders trained {training.get('steps_done')} steps in "
+                f"{float(training.get('seconds', 0.0)) / 60:.1f} min on {training.get('device')} (stopped by "
+                f"{training.get('stopped_by')}); the papers train far longer, so their numbers do not apply"]
+
     def settings(self) -> Dict[str, Any]:
         first = self.scorer.searches[0]
         return {"ef": first.ef, "exact_search": self.scorer.exact_search}

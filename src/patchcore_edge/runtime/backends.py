@@ -169,7 +169,8 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] =
         note = "ONNX Runtime (asked for)"
     spec = bundle.input_spec
     shapes: Dict[str, Tuple[int, ...]] = {features.input_name: (3, spec.height, spec.width),
-                                          features.output_name: (*features.grid, features.dim)}
+                                          **{name: features.output_shape(name)
+                                             for name in (features.output_name, *features.shapes)}}
     ort_backend = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
                                       threads=threads, shapes=shapes)
     return ort_backend, note

@@ -132,6 +132,9 @@ class TrainedPatchMethod(MethodExporter):
             network, record = self.train_network(images, options, on_step)
         except CheckpointError as error:
             raise MethodExportError(f"--method-param checkpoint: {error}") from None
+        except ValueError as error:  # the patch sampling: pairs of patches that do not fit the input
+            raise MethodExportError(f"method {self.name}: training on {spec.width} x {spec.height} inputs: "
+                                    f"{error}; use a larger --crop / --input-size") from None
         if log is not None:
             log(f"training: {record.steps_done} steps in {record.seconds:.1f}s (stopped by {record.stopped_by}"
                 + (f", resumed from step {record.resumed_from_step}" if record.resumed_from_step else "") + ")")
