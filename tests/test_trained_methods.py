@@ -245,3 +245,24 @@ def test_runtime_matches_torch_through_the_bundle_on_bottle(name: str, bottle: P
         # float64 reference (see trained_parity.py), so the map is held to 0.5 % of its maximum.
         np.testing.assert_allclose(got_map, want_map, rtol=1e-4, atol=5e-3 * float(want_map.max()))
     assert got[1].score != got[0].score
+
+
+def test_a_pixel_threshold_makes_the_map_exact_wherever_it_can_decide_a_mask(exported: Path,
+                                                                             folders: Dict[str, Path]) -> None:
+    from patchcore_edge.methods import ScorerOptions, scorer_class
+
+    bundle = Bundle.load(exported)
+    with Detector.load(exported, ignore_calibration=True) as detector:
+        images = [read_rgb(p) for p in sorted(folders["bad"].glob("*.png"))]
+        outputs = detector.backend.run(np.stack([preprocess(i, detector.spec) for i in images]))
+    method = scorer_class(bundle.method.name)
+    exact = method.load(bundle, ScorerOptions(exact_search=True)).score(outputs)
+    loose = method.load(bundle, ScorerOptions(ef=1)).score(outputs)
+    level = float(np.quantile(np.stack([e.patch_map for e in exact]), 0.9))
+    guarded = method.load(bundle, ScorerOptions(ef=1, exact_map_above=level, exact_map_reach=2)).score(outputs)
+    for e, lo, g in zip(exact, loose, guarded):
+        assert (lo.patch_map >= e.patch_map - 1e-6).all()  # HNSW only over-estimates
+        assert g.score == pytest.approx(e.score, rel=1e-6) and lo.score == pytest.approx(e.score, rel=1e-6)
+        hot = e.patch_map > level
+        np.testing.assert_allclose(g.patch_map[hot], e.patch_map[hot], rtol=1e-5)
+        np.testing.assert_array_equal(g.patch_map > level, hot)
