@@ -87,3 +87,61 @@ def onnx_outputs(network, spec, batch: np.ndarray, names, folder: Path):  # type
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     return dict(zip(names, session.run(list(names), {"image": batch.astype(np.float32)})))
+
+
+def bottle_images(kind: str, count: int) -> list:
+    """The first `count` bottle images of `kind` ("train/good", "test/good", "test/broken_large", ...)."""
+    return sorted((BOTTLE / kind).glob("*.png"))[:count]
+
+
+def export_cli_bundle(root: Path, method: str, *args: str, count: int = 10):  # type: ignore[no-untyped-def]
+    """A bundle of `method` made by `patchcore-edge export` from `count` bottle training images (64 px by
+    default); returns (bundle path, the command's output). Skips where ../shared is absent."""
+    if not BOTTLE.is_dir():
+        pytest.skip("../shared/data/mvtec_ad/bottle is absent")
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from patchcore_edge.cli import main
+
+    good = root / "good"
+    good.mkdir(parents=True)
+    for path in bottle_images("train/good", count):
+        (good / path.name).symlink_to(path)
+    bundle = root / f"{method}-bundle"
+    result = CliRunner().invoke(main, ["export", str(good), "-o", str(bundle), "--method", method, "--resize", "72",
+                                       "--crop", "64", "--no-engine", "-q", *args])
+    assert result.exit_code == 0, result.output
+    return bundle, result.output
+
+
+def mini_category(root: Path, defects: int = 3, goods: int = 3) -> Path:
+    """An MVTec-layout category (test/good, test/broken_large, ground_truth masks) of a few bottle images, linked."""
+    category = root / "bottle-mini"
+    for kind, count in (("good", goods), ("broken_large", defects)):
+        folder = category / "test" / kind
+        folder.mkdir(parents=True)
+        for path in bottle_images(f"test/{kind}", count):
+            (folder / path.name).symlink_to(path)
+            if kind != "good":
+                masks = category / "ground_truth" / kind
+                masks.mkdir(parents=True, exist_ok=True)
+                mask = BOTTLE / "ground_truth" / kind / f"{path.stem}_mask.png"
+                (masks / mask.name).symlink_to(mask)
+    return category
+
+
+def rewrite_method_array(bundle: Path, key: str, array: np.ndarray, record_shape: bool = False) -> None:
+    """Replace one method array of a bundle and its sha256/bytes record (a consistent, hostile bundle);
+    `record_shape` also writes the new shape into method.arrays."""
+    import json
+
+    from patchcore_edge.bundle import file_record, manifest_bytes
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    record = manifest["method"]["arrays"][key]
+    np.save(bundle / record["file"], array, allow_pickle=False)
+    manifest["files"][record["file"]] = file_record(bundle / record["file"])
+    if record_shape:
+        record["shape"] = [int(n) for n in array.shape]
+    (bundle / "manifest.json").write_bytes(manifest_bytes(manifest))

@@ -166,6 +166,23 @@ def test_several_bundles_on_good_and_bad_folders(setup: Dict[str, Path]) -> None
     assert "n/a: pixel_auroc: no ground-truth masks (plain --good/--bad layout)" in result.stdout
 
 
+def test_methods_compare_in_one_table_with_padims_caveat(setup: Dict[str, Path], tmp_path: Path) -> None:
+    from patchcore_edge.export.pipeline import ExportOptions, export_bundle
+
+    padim = export_bundle(ExportOptions(nominal_dir=setup["root"] / "nominal", output=tmp_path / "padim",
+                                        method="padim", resize=64, crop=64, engine=False,
+                                        parity_images=2)).bundle
+    report = tmp_path / "compare.json"
+    result = _eval([setup["dense"], padim, setup["category"], "--report", report])
+    assert result.exit_code == 0, result.output
+    table = _table(result.stdout)
+    assert "| patchcore |" in table[1] and "| padim | mobilenet_v2 | squash |" in table[2]
+    rows = _rows(report)
+    assert rows[0]["caveats"] == [] and len(rows[1]["caveats"]) == 1 and "aligned" in rows[1]["caveats"][0]
+    assert f"caveat ({padim}, padim): {rows[1]['caveats'][0]}" in result.stdout.split("| --- |", 1)[1]
+    assert rows[1]["stages_ms_median"] and rows[1]["image_auroc"] is not None
+
+
 def test_method_caveats_are_printed_under_the_tables(setup: Dict[str, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from patchcore_edge.bundle import Bundle

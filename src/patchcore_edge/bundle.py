@@ -19,12 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .preprocess import InputSpec
+from .preprocess import InputSpec
 
 FORMAT_NAME = "patchcore-edge-bundle"
 FORMAT_VERSION = 2
@@ -208,8 +207,6 @@ def _validate_common(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
         values = spec.get(key)
         _require(isinstance(values, list) and len(values) == 3 and all(_finite(v) and abs(v) <= 1e6 for v in values),
                  bundle_dir, f"input.{key} must be three finite numbers, got {values!r}")
-    from .preprocess import InputSpec  # local: keeps bundle.py importable on its own
-
     try:
         InputSpec.from_manifest(spec)
     except (KeyError, TypeError, ValueError) as error:
@@ -679,8 +676,6 @@ class Bundle:
               arrays: Mapping[str, Tuple[str, Sequence[int]]], params: Mapping[str, Any],
               method: str = "patchcore") -> "Bundle":
         """A bundle that exists only as numbers, for estimates before an export (size caps): no files."""
-        from .preprocess import InputSpec
-
         manifest = {
             "input": InputSpec(resize=crop, crop=crop).to_manifest(), "score": {"gaussian_sigma": 0.0},
             "features": {"dim": int(dim), "grid": [int(grid[0]), int(grid[1])], "stride": 1,
@@ -752,9 +747,7 @@ class Bundle:
         return str(self._manifest["toolkit_version"])
 
     @property
-    def input_spec(self) -> "InputSpec":
-        from .preprocess import InputSpec
-
+    def input_spec(self) -> InputSpec:
         return InputSpec.from_manifest(self._manifest["input"])
 
     @property

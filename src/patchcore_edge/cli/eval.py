@@ -18,6 +18,7 @@ import numpy as np
 from ..bundle import MANIFEST, BundleError
 from ..imageio import ImageReadError, read_rgb
 from ..runtime.backends import BACKEND_CHOICES
+from ..runtime.detector import Detector
 from ..evaluation.dataset import DatasetError, EvalDataset, Sample, check_masks, discover_mvtec, discover_plain, load_mask
 from ..evaluation.compare import comparison, comparison_markdown, failed_row, report_row
 from ..evaluation.evaluate import evaluate, report_markdown
@@ -25,8 +26,6 @@ from ..evaluation.evaluate import evaluate, report_markdown
 
 def load_detector(bundle: Path, backend: str, ef: Optional[int], exact_search: bool,
                   threads: Optional[int]) -> Any:
-    from ..runtime.detector import Detector
-
     return Detector.load(bundle, backend=backend, ef=ef, exact_search=exact_search, threads=threads)
 
 

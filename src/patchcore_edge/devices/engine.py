@@ -207,6 +207,11 @@ def build_and_register(bundle_dir: "Path | str", precision: Optional[str] = None
             f"cannot build a TensorRT engine here: {reason}. Build it on the Jetson that will run the bundle "
             "(JetPack ships TensorRT), or run with `--backend onnxruntime`.")
     bundle = Bundle.load(bundle_dir, verify=True)
+    if len(bundle.features.outputs) > 1:  # until the TensorRT runner serves several outputs
+        raise trt.EngineBuildError(
+            f"{bundle.path}: its {bundle.method.name} network has {len(bundle.features.outputs)} outputs "
+            f"({', '.join(bundle.features.outputs)}); this version's TensorRT runner serves single-output networks "
+            "only: run the bundle with ONNX Runtime (`--backend onnxruntime`)")
     spec = bundle.input_spec
     device = detect_device()
     profile = get_profile(device.slug)

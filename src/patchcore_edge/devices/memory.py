@@ -161,8 +161,9 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
     else:
         activations = int(ORT_ARENA_FACTOR * peak) + ORT_ARENA_EXTRA_BYTES
 
+    method = scorer_class(bundle.method.name)
     components = {
-        **scorer_class(bundle.method.name).resident_bytes(bundle, search_threads),
+        **method.resident_bytes(bundle, search_threads),
         "model": model,
         "activations": activations,
         "runtime_overhead": runtime_overhead,
@@ -189,9 +190,10 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
     if budget is not None:
         fits = total <= budget
         if not fits:
+            advice = method.memory_advice(bundle) or (f"re-export with a smaller {largest} (now {shape}), a smaller "
+                                                      "backbone or batch, or pick a larger board")
             warning = (f"needs about {total / MIB:.0f} MiB, more than the {budget / MIB:.0f} MiB budget of {where} "
-                       f"({fraction:.0%} of its memory): re-export with a smaller {largest} (now "
-                       f"{shape}), a smaller backbone or batch, or pick a larger board")
+                       f"({fraction:.0%} of its memory): {advice}")
     return {"device": profile.name, "variant": chosen_variant.name, "backend": chosen_backend, "batch": images,
             "components": components, "total": total, "budget": budget, "fits": fits, "warning": warning,
             "assumptions": assumptions}

@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, trt
 from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, check_replaceable, write_new_bundle
+from ..devices.engine import build_engine_into
 from ..imageio import ImageReadError, decode_rgb, list_images, read_image_bytes
 from ..preprocess import InputSpec
 from ..stats import quantiles
@@ -88,6 +89,8 @@ class ExportSummary:
     engine_note: str
     seconds: Dict[str, float] = field(default_factory=dict)
     coreset_note: str = ""
+    method: str = "patchcore"
+    method_lines: Dict[str, str] = field(default_factory=dict)  # the method's own summary rows (label: text)
 
 
 def _quiet_progress(stage: str, done: int, total: int) -> None:
@@ -338,7 +341,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         coreset_size=int(summary.get("coreset_size", 0)), feature_dim=int(info.dim),
         bank_mb=float(summary.get("bank_mb", 0.0)), coverage_radius=summary.get("coverage_radius"),
         onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds,
-        coreset_note=str(summary.get("coreset_note", "")))
+        coreset_note=str(summary.get("coreset_note", "")), method=method.name,
+        method_lines={str(k): str(v) for k, v in summary.get("lines", {}).items()})
 
 
 def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[np.ndarray], staging: Path,
@@ -349,9 +353,6 @@ def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[n
     """
     if not options.engine:
         return "TensorRT engine: not requested (--no-engine)"
-    from .. import trt
-    from ..devices.engine import build_engine_into
-
     available, reason = trt.tensorrt_status()
     if not available:
         return f"TensorRT engine: skipped ({reason}); build it on the device with `patchcore-edge engine build`"

@@ -77,6 +77,11 @@ class Scorer(abc.ABC):
         its tables; PaDiM: it assumes aligned parts). The default: none."""
         return []
 
+    @classmethod
+    def memory_advice(cls, bundle: "Bundle") -> Optional[str]:
+        """What to change when the bundle does not fit a board (`devices fit`); None: the generic advice."""
+        return None
+
     def settings(self) -> Dict[str, object]:
         """What the scores depend on beyond the bundle files (PatchCore: ef, exact search), for calibration."""
         return {}

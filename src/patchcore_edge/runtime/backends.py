@@ -9,6 +9,7 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 from ..cpu import available_cores
+from ..devices.engine import find_engine, open_engine
 
 
 class FeatureBackend(Protocol):
@@ -154,8 +155,6 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] =
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     features = bundle.features
     if backend in ("auto", "tensorrt"):
-        from ..devices.engine import find_engine, open_engine
-
         engine, reason = find_engine(bundle)
         if engine is not None:
             runner = open_engine(bundle, engine)

@@ -20,6 +20,10 @@ Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
 
+class MethodExportError(ValueError):
+    """A method's network or fit that cannot go on; the message says why."""
+
+
 @dataclass(frozen=True)
 class NetworkInfo:
     """The exported network, as the manifest records it.
@@ -53,10 +57,6 @@ class FittedMethod:
     # Gaussian sigma of the pixel map when the method's inference fixes it (trained patch methods: 0, the
     # paper's mean over covering patches); None: the export option.
     map_sigma: Optional[float] = None
-
-
-class MethodExportError(ValueError):
-    """A method's network or fit that cannot go on; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,7 @@ class MethodSettings:
     device_profile: Optional[str] = None
     dask: Optional[str] = None
     crop: int = 224
+    gaussian_sigma: float = 4.0  # the pixel map's blur (methods whose image score is taken on the map)
     # The method's own parameters (MethodExporter.parameters), parsed and complete (defaults filled in).
     method_params: Dict[str, Any] = field(default_factory=dict)
 

@@ -25,7 +25,6 @@ from ..heldout import leave_one_image_out_scores
 from .base import FittedMethod, Log, MethodExporter, MethodExportError, MethodSettings, NetworkInfo, Progress
 
 OUTPUT = "features"
-__all__ = ["MethodExportError", "PatchCoreExporter"]
 
 
 class PatchCoreExporter(MethodExporter):

@@ -4,21 +4,27 @@ arrays) and a torch reference scorer, written independently of the runtime's num
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...methods.spade import SpadeParams, bytes_per_training_image, leave_one_out_image_scores
+from ...methods.spade import (GALLERY_DTYPES, GLOBAL_OUTPUT, GRID_OUTPUT, SpadeParams, bytes_per_training_image,
+                              exact_knn, leave_one_out_image_scores)
 from ...preprocess import InputSpec
-from ..backbones import get_spec
+from ..backbones import BackboneError, get_spec
 from ..reference import smooth
 from ..transform import torch_preprocess
-from .pyramid import build_body, frozen, last_stage, probe_shapes, pyramid_grid
+from .base import FittedMethod, Log, MethodExporter, MethodExportError, MethodParameter, MethodSettings, NetworkInfo
+from .base import Progress
+from .pyramid import backbone_manifest, build_body, frozen, last_stage, probe_shapes, pyramid_grid
 
-OUTPUTS = ("features", "global")
+OUTPUTS = (GRID_OUTPUT, GLOBAL_OUTPUT)
+# Training images whose maps measure the error a float16 gallery causes (each scored against the others).
+FLOAT16_CHECK_IMAGES = 8
 DEFAULT_K = 50  # the paper's K for MVTec AD
 DEFAULT_KAPPA = 1
 
@@ -99,8 +105,91 @@ def reference_spade_scores(network: SpadeNetwork, images_rgb: Sequence[np.ndarra
         h, w, d = grid.shape
         patch = torch.cdist(grid.reshape(-1, d), stored[near.indices].reshape(-1, d))
         patch_map = patch.topk(params.kappa, dim=1, largest=False).values.mean(dim=1).reshape(h, w)
-        up = F.interpolate(patch_map[None, None], size=(spec.crop, spec.crop), mode="bilinear",
+        up = F.interpolate(patch_map[None, None], size=(spec.height, spec.width), mode="bilinear",
                            align_corners=False)[0, 0]
         results.append(SpadeReference(score=float(near.values.mean()), patch_map=patch_map.numpy(),
                                       crop_map=smooth(up, sigma).numpy()))
     return results
+
+
+def float16_error(global_features: np.ndarray, grids: np.ndarray, params: SpadeParams,
+                  images: int = FLOAT16_CHECK_IMAGES) -> Dict[str, Any]:
+    """What storing the gallery in float16 does to the scores, measured on training images.
+
+    Each of the first `images` training images is scored as a new part against the others (its K nearest
+    other images), once with the float32 gallery and once with its float16 rounding. The image score uses the
+    float32 global features only, so float16 cannot change it; the map's difference is relative to the
+    float32 map's maximum.
+    """
+    n = int(global_features.shape[0])
+    count = min(images, n)
+    k = min(params.k, n - 1)
+    if count < 1 or k < 1:
+        return {"images": 0, "max_relative_map_difference": None, "max_relative_image_score_difference": 0.0}
+    _, rows = exact_knn(global_features[:count], global_features, k + 1)
+    dim = grids.shape[-1]
+    worst = 0.0
+    for i in range(count):
+        others = [int(r) for r in rows[i] if r != i][:k]
+        query = np.ascontiguousarray(grids[i].reshape(-1, dim), dtype=np.float32)
+        exact = np.ascontiguousarray(grids[others].reshape(-1, dim), dtype=np.float32)
+        rounded = exact.astype(np.float16).astype(np.float32)
+        kappa = min(params.kappa, exact.shape[0])
+        map32 = exact_knn(query, exact, kappa)[0].mean(axis=1, dtype=np.float64)
+        map16 = exact_knn(query, rounded, kappa)[0].mean(axis=1, dtype=np.float64)
+        worst = max(worst, float(np.abs(map16 - map32).max() / max(float(map32.max()), 1e-12)))
+    return {"images": count, "max_relative_map_difference": worst, "max_relative_image_score_difference": 0.0}
+
+
+class SpadeExporter(MethodExporter):
+    name = "spade"
+    summary = "SPADE: K nearest training images by global feature, then their pyramid grids"
+    parameters = (
+        MethodParameter("k", int, DEFAULT_K, "nearest training images (capped by the images there are)",
+                        minimum=1),
+        MethodParameter("kappa", int, DEFAULT_KAPPA, "nearest gallery features averaged per position", minimum=1),
+        MethodParameter("gallery_dtype", str, "float32", "gallery storage (float16 halves it; error measured)",
+                        choices=GALLERY_DTYPES),
+    )
+
+    def network(self, settings: MethodSettings, spec: InputSpec,
+                training_images: Sequence[np.ndarray]) -> Tuple[torch.nn.Module, NetworkInfo]:
+        try:
+            network, info = build_spade_network(settings.backbone, settings.weights, spec, settings.layers)
+        except BackboneError as error:
+            raise MethodExportError(str(error)) from None
+        return network, NetworkInfo(
+            outputs=OUTPUTS, dim=int(info["dim"]), grid=(int(info["grid"][0]), int(info["grid"][1])),
+            stride=int(info["stride"]), backbone=backbone_manifest(settings.backbone, info["weights"]),
+            layers=tuple(info["layers"]),
+            extra={"global_layer": info["global_layer"], "global_dim": int(info["global_dim"])})
+
+    def fit(self, outputs: Dict[str, np.ndarray], images: int, settings: MethodSettings, progress: Progress,
+            log: Log) -> FittedMethod:
+        given = settings.method_params
+        k, kappa = int(given.get("k", DEFAULT_K)), int(given.get("kappa", DEFAULT_KAPPA))
+        dtype = str(given.get("gallery_dtype", "float32"))
+        grids, pooled = outputs[GRID_OUTPUT], outputs[GLOBAL_OUTPUT]
+        start = time.perf_counter()
+        progress("gallery", 0, 1)
+        fitted = fit_spade(grids, pooled, k=k, kappa=kappa, gallery_dtype=dtype)
+        error: Optional[Dict[str, Any]] = None
+        if dtype == "float16":
+            error = float16_error(fitted.arrays["global_features"], grids, fitted.params)
+        progress("gallery", 1, 1)
+        params = {**fitted.params.to_manifest(), "k_requested": k, "gallery_dtype": dtype, "float16_error": error}
+        n, h, w, dim = fitted.arrays["gallery"].shape
+        gallery_mb = fitted.arrays["gallery"].nbytes / 2**20
+        lines = {
+            "gallery": f"{n} training images x {h} x {w} x {dim} {dtype} ({gallery_mb:.1f} MB), global "
+                       f"features {n} x {fitted.params.global_dim}",
+            "per image": f"{fitted.bytes_per_image / 2**20:.3f} MiB of bundle per training image",
+            "k, kappa": f"K={fitted.params.k}" + (f" (asked {k}, capped by the {n} images)" if k > n else "")
+                        + f", kappa={kappa}",
+        }
+        if error is not None:
+            lines["float16 error"] = (f"max relative map difference {error['max_relative_map_difference']:.2e} on "
+                                      f"{error['images']} training images (image scores unchanged)")
+        return FittedMethod(arrays=fitted.arrays, params=params, training_scores=fitted.training_scores,
+                            summary={"patches": int(n * h * w), "bank_mb": gallery_mb, "lines": lines,
+                                     "seconds": {"gallery": time.perf_counter() - start}})
