@@ -327,10 +327,13 @@ def _validate_method(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
                          for s in shapes.values()), bundle_dir,
                  "features.output_shapes must map output names to their shapes after the batch (positive "
                  f"integers), got {shapes!r}")
-        grid, dim = manifest["features"]["grid"], manifest["features"]["dim"]
-        first = shapes.get(outputs[0], [*grid, dim])
-        _require(first == [*grid, dim], bundle_dir,
-                 f"features.output_shapes[{outputs[0]!r}] is {first}, but grid and dim say {[*grid, dim]}")
+        # features.grid and dim are the first output's, except where they are a map's cells (the trained patch
+        # methods, whose embedding grids each have their own shape).
+        if manifest["features"].get("grid_is") != "map cells":
+            grid, dim = manifest["features"]["grid"], manifest["features"]["dim"]
+            first = shapes.get(outputs[0], [*grid, dim])
+            _require(first == [*grid, dim], bundle_dir,
+                     f"features.output_shapes[{outputs[0]!r}] is {first}, but grid and dim say {[*grid, dim]}")
 
 
 def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
@@ -620,8 +623,12 @@ class FeaturesInfo:
     dim: int
     grid: Tuple[int, int]
     stride: int
-    # Shape after the batch of each output the manifest records (the first one's is always known: [h, w, dim]).
+    # Shape after the batch of each output (bundles older than output_shapes: the first one's, [grid, dim]).
     output_shapes: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
+
+    def output_shape(self, name: str) -> Tuple[int, ...]:
+        """An output's shape after the batch."""
+        return tuple(self.output_shapes[name])
 
     @property
     def output_name(self) -> str:

@@ -250,6 +250,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 training_images.extend(torch_preprocess(piece, spec).numpy() for piece in spec.pieces(image)[1])
             except (ImageReadError, OSError):
                 pass  # listed as skipped by the feature pass below
+    method.attach(progress, log)
     try:
         network, info = method.network(settings, spec, training_images)
     except MethodExportError as error:
@@ -324,7 +325,9 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 **info.extra,
             },
             "method": {"name": method.name, "params": fitted.params, "arrays": arrays, "files": fitted.file_roles},
-            "score": {"distance": "euclidean", "gaussian_sigma": float(options.gaussian_sigma),
+            "score": {"distance": "euclidean",
+                      "gaussian_sigma": float(options.gaussian_sigma if fitted.map_sigma is None
+                                              else fitted.map_sigma),
                       # Quantiles of training images scored as new parts (for PatchCore: export/heldout.py).
                       "training_scores": quantiles(held_out) if held_out is not None and held_out.size else None},
             "engines": engines,

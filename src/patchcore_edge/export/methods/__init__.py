@@ -11,6 +11,8 @@ _EXPORTERS: Dict[str, str] = {
     "patchcore": "patchcore_edge.export.methods.patchcore:PatchCoreExporter",
     "spade": "patchcore_edge.export.methods.spade:SpadeExporter",
     "padim": "patchcore_edge.export.methods.padim:PadimExporter",
+    "patch_svdd": "patchcore_edge.export.methods.patch_svdd:PatchSVDD",
+    "multiscale": "patchcore_edge.export.methods.multiscale:Multiscale",
 }
 
 

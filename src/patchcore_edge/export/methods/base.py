@@ -54,6 +54,9 @@ class FittedMethod:
     params: Dict[str, Any] = field(default_factory=dict)
     summary: Dict[str, Any] = field(default_factory=dict)
     training_scores: Optional[np.ndarray] = None
+    # Gaussian sigma of the pixel map when the method's inference fixes it (trained patch methods: 0, the
+    # paper's mean over covering patches); None: the export option.
+    map_sigma: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,10 @@ class MethodExporter(abc.ABC):
     def needs_training_images(self) -> bool:
         """True when `network` trains on the images (they are then kept in memory before the feature pass)."""
         return False
+
+    def attach(self, progress: Progress, log: Log) -> None:
+        """The export's progress and log callbacks, before `network` (a method that trains reports through
+        them); the default ignores them."""
 
 
 def no_progress(stage: str, done: int, total: int) -> None:
