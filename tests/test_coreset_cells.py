@@ -47,6 +47,53 @@ def test_cell_keys_are_the_radii_at_selection_and_non_increasing() -> None:
         assert keys[step] == pytest.approx(coverage_radius(points, chosen[:step]), rel=1e-4)
 
 
+def _one_centre_per_pass(points: np.ndarray, cap: int, start: int) -> tuple:
+    """The cell greedy's rule, written as the plain loop: one full distance pass per centre."""
+    centred = points - points.mean(axis=0, dtype=np.float64).astype(np.float32)
+    norms = np.einsum("ij,ij->i", centred, centred)
+    mind2 = np.full(len(points), np.inf, dtype=np.float32)
+    chosen, keys, centre = [int(start)], [np.inf], int(start)
+    while True:
+        mind2 = np.minimum(mind2, norms + norms[centre] - 2.0 * (centred @ centred[centre]))
+        mind2[chosen] = -np.inf
+        if len(chosen) == cap:
+            return np.array(chosen), np.array(keys, dtype=np.float32)
+        centre = int(np.argmax(mind2))
+        chosen.append(centre)
+        keys.append(np.sqrt(max(float(mind2[centre]), 0.0)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_several_centres_per_pass_are_the_one_per_pass_choices(seed: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    points = gaussian_clusters(6_000, 16, 25, seed=seed)
+    passes = []
+    lower = coreset_cells._lower_against
+    monkeypatch.setattr(coreset_cells, "_lower_against", lambda *a: (passes.append(a[2].size), lower(*a)))
+    chosen, keys = cell_greedy(points, 700, 3)
+    reference, reference_keys = _one_centre_per_pass(points, 700, 3)
+    np.testing.assert_array_equal(chosen, reference)
+    np.testing.assert_allclose(keys[1:], reference_keys[1:], rtol=1e-5)
+    assert sum(passes) == 700 and len(passes) < 700 / 8, passes  # many centres per pass over the cell
+    # Smaller rounds and smaller row chunks of the pass (one chunk vs many) choose the same centres.
+    monkeypatch.setattr(coreset_cells, "_ROUND_CENTRES", 7)
+    monkeypatch.setattr(coreset_cells, "_CANDIDATES", 64)
+    monkeypatch.setattr(coreset_cells, "_PASS_ROWS", 999)
+    np.testing.assert_array_equal(cell_greedy(points, 700, 3)[0], reference)
+
+
+def test_cell_greedy_on_duplicates_takes_every_point_once_copies_last() -> None:
+    base = gaussian_clusters(300, 6, 4, seed=8)
+    points = np.concatenate([base, base])  # every point twice
+    chosen, keys = cell_greedy(points, 600, 0)
+    assert np.unique(chosen).size == 600
+    # |x|^2 + |c|^2 - 2 x.c leaves float32 noise of about sqrt(eps |x|^2) where a distance is 0.
+    noise = 0.02
+    assert np.all(np.diff(keys[1:]) <= noise)
+    assert np.all(keys[300:] < noise) and np.all(keys[1:300] > 2 * noise)  # copies come after all originals
+    assert np.array_equal(np.sort(chosen[:300] % 300), np.arange(300))
+
+
 def test_deterministic_under_seed() -> None:
     features = gaussian_clusters(8_000, 16, 20, seed=1)
     first = partitioned_greedy(features, 300, seed=4, cells=8).indices

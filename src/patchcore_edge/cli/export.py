@@ -65,7 +65,7 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
 @click.option("--device-profile", default=None, metavar="NAME",
               help="Cap the bank so the bundle fits this board's memory budget (see `devices list`).")
 @click.option("--dask", "dask_address", default=None, metavar="SCHEDULER|local",
-              help="Run the coreset's cells on a Dask cluster (needs the [dask] extra); local = 2 processes.")
+              help="Run the feature pass and the coreset's cells on a Dask cluster (needs the [dask] extra); local = 2 processes.")
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)

@@ -259,8 +259,19 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     network = network.to(options.device).eval()
 
     start = time.perf_counter()
-    outputs, used, hashes, read_errors, samples = extract_outputs(
-        network, info.outputs, paths, spec, options.batch_size, options.device, progress)
+    if options.dask:  # the feature pass on the cluster's CPUs (export/distributed.py)
+        from .distributed import DaskUnavailable, dask_client, extract_on_dask
+
+        try:
+            with dask_client(options.dask) as client:
+                outputs, used, hashes, read_errors, samples = extract_on_dask(
+                    client, extract_outputs, network, info.outputs, paths, spec, options.batch_size, progress)
+        except DaskUnavailable as error:
+            raise ExportError(str(error)) from None
+        network = network.to(options.device)
+    else:
+        outputs, used, hashes, read_errors, samples = extract_outputs(
+            network, info.outputs, paths, spec, options.batch_size, options.device, progress)
     seconds["features"] = time.perf_counter() - start
     skipped = skipped + read_errors
     for error in skipped:
