@@ -9,7 +9,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -111,11 +111,13 @@ def scan_nominal(nominal: Union[Path, Sequence[Path]]) -> Tuple[List[Path], List
 
 def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path], spec: InputSpec,
                     batch_size: int, device: str, progress: Progress
-                    ) -> Tuple[Dict[str, np.ndarray], List[Path], List[str], List[ImageReadError], List[np.ndarray]]:
+                    ) -> Tuple[Dict[str, np.ndarray], List[Path], List[str], List[ImageReadError], List[np.ndarray],
+                               List[int]]:
     """Decode, transform and run every image through the network, in batches, skipping unreadable ones.
 
     Returns each output stacked over the images used, the paths used, their file sha256, the read errors, and a
-    few transformed input tensors (numpy) kept for the ONNX parity check.
+    few transformed input tensors (numpy) kept for the ONNX parity check, and how many network inputs (tiles)
+    each used image gave.
     """
     import torch
 
@@ -127,6 +129,7 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
     errors: List[ImageReadError] = []
     samples: List[np.ndarray] = []
     batch: List[torch.Tensor] = []
+    pieces_per_image: List[int] = []
 
     def flush() -> None:
         if not batch:
@@ -147,7 +150,9 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
         except OSError as error:
             errors.append(ImageReadError(path, f"cannot read file ({error.strerror or error})"))
         else:
-            for piece in spec.pieces(image)[1]:  # the image, or each of its tiles
+            pieces = spec.pieces(image)[1]  # the image, or each of its tiles
+            pieces_per_image.append(len(pieces))
+            for piece in pieces:
                 tensor = torch_preprocess(piece, spec)
                 if len(samples) < 8:
                     samples.append(tensor.numpy().copy())
@@ -160,7 +165,7 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
     flush()
     outputs = {name: np.ascontiguousarray(np.concatenate(parts), dtype=np.float32) if parts
                else np.zeros((0,), np.float32) for name, parts in chunks.items()}
-    return outputs, used, hashes, errors, samples
+    return outputs, used, hashes, errors, samples, pieces_per_image
 
 
 def check_options(options: ExportOptions) -> None:
@@ -195,7 +200,7 @@ def check_options(options: ExportOptions) -> None:
 
 
 # MethodSettings fields the export derives; every other one is the ExportOptions field of the same name.
-_DERIVED_SETTINGS = ("crop", "method_params")
+_DERIVED_SETTINGS = ("crop", "method_params", "pieces_per_image")
 
 
 def _settings(options: ExportOptions, spec: InputSpec, params: Dict[str, Any]) -> MethodSettings:
@@ -255,7 +260,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     network = network.to(options.device).eval()
 
     start = time.perf_counter()
-    outputs, used, hashes, read_errors, samples = extract_outputs(
+    outputs, used, hashes, read_errors, samples, pieces_per_image = extract_outputs(
         network, info.outputs, paths, spec, options.batch_size, options.device, progress)
     seconds["features"] = time.perf_counter() - start
     skipped = skipped + read_errors
@@ -266,7 +271,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                           f"an export needs at least {MIN_IMAGES} images of good parts")
 
     try:
-        fitted = method.fit(outputs, len(used), settings, progress, log)
+        fitted = method.fit(outputs, len(used), replace(settings, pieces_per_image=tuple(pieces_per_image)),
+                            progress, log)
     except MethodExportError as error:
         raise ExportError(str(error)) from None
     del outputs

@@ -120,6 +120,8 @@ class MethodSettings:
     crop: int = 224
     # The method's own parameters (MethodExporter.parameters), parsed and complete (defaults filled in).
     method_params: Dict[str, Any] = field(default_factory=dict)
+    # Network inputs each nominal image gave, in order (a tiled export: its tiles); empty: one each.
+    pieces_per_image: Tuple[int, ...] = ()
 
 
 class MethodExporter(abc.ABC):
