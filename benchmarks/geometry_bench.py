@@ -102,7 +102,8 @@ BACKBONE_CONFIGS = [
     Config("efficientnet_lite2 6+14 168 squash per-stage", backbone="efficientnet_lite2", reduction="per-stage"),
 ]
 # Labels without "per-stage" use the concatenation order (the order before issue 11 item 5).
-STRIP_FITS = [Config("crop", fit="crop"), Config("squash 224", fit="squash"), Config("letterbox 224", fit="letterbox")]
+STRIP_FITS = [Config("crop", fit="crop"), Config("squash 224", fit="squash"),
+              Config("letterbox 224", fit="letterbox")]
 
 
 # ------------------------------------------------------------------------------------------------- data sets
