@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..bundle import Bundle
 from ..methods import scorer_class
+from ..preprocess import tile_boxes
 from ..search import index_resident_bytes
 from .profiles import Profile
 
@@ -113,12 +114,14 @@ def onnx_peak_activation_bytes(onnx_path: Path, batch: int) -> Optional[int]:
 def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] = None,
                     batch: Optional[int] = None, backend: Optional[str] = None,
                     measure_activations: bool = True, memory_total_mb: Optional[int] = None,
-                    search_threads: int = 1) -> Dict[str, Any]:
+                    search_threads: int = 1, image_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
     """Memory of the bundle on the profile's board, by component, with the budget and a warning if it does not fit.
 
     `backend`: "onnxruntime" or "tensorrt" (default: the profile's, ONNX Runtime where it builds no engine);
     `batch`: images per inference (default: the profile's max_batch); `memory_total_mb`: the machine's memory
-    where the profile has no fixed size (workstation, cpu-only; `devices detect` reads it).
+    where the profile has no fixed size (workstation, cpu-only; `devices detect` reads it); `image_size`:
+    the camera frame (width, height), which a tiled bundle needs: the runtime sends all tiles of one frame
+    through the network as one batch, and keeps the frame and its stitched map besides.
     """
     defaults = profile.defaults
     chosen_backend = backend or str(defaults.get("backend") or "onnxruntime")
@@ -128,6 +131,19 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
     features = bundle.features
     spec = bundle.input_spec
     assumptions: List[str] = []
+    frame_bytes = 0
+    if spec.tile is not None:  # tiling (issue 18): one frame's tiles are the network batch
+        if image_size is None:
+            images = 1
+            assumptions.append("tiled bundle without a frame size: counted as one tile per inference, a lower "
+                               "bound (pass the camera frame's size)")
+        else:
+            frame_width, frame_height = int(image_size[0]), int(image_size[1])
+            images = len(tile_boxes(frame_height, frame_width, spec.tile, spec.tile_overlap))
+            # The RGB frame, its float32 stitched map and the tile map being stitched in.
+            frame_bytes = frame_height * frame_width * (3 + 4 + 4)
+            assumptions.append(f"{images} tiles of {spec.tile} px (overlap {spec.tile_overlap}) per "
+                               f"{frame_width}x{frame_height} frame, run as one batch")
 
     onnx_name = features.onnx_file
     onnx_bytes = bundle.file_bytes(onnx_name)
@@ -166,6 +182,7 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
         activations = peak + input_bytes + output_bytes
     else:
         activations = int(ORT_ARENA_FACTOR * peak) + ORT_ARENA_EXTRA_BYTES
+    activations += frame_bytes
 
     method = scorer_class(bundle.method.name)
     components = {

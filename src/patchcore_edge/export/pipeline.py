@@ -9,7 +9,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -114,11 +114,13 @@ def scan_nominal(nominal: Union[Path, Sequence[Path]]) -> Tuple[List[Path], List
 
 def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path], spec: InputSpec,
                     batch_size: int, device: str, progress: Progress
-                    ) -> Tuple[Dict[str, np.ndarray], List[Path], List[str], List[ImageReadError], List[np.ndarray]]:
+                    ) -> Tuple[Dict[str, np.ndarray], List[Path], List[str], List[ImageReadError], List[np.ndarray],
+                               List[int]]:
     """Decode, transform and run every image through the network, in batches, skipping unreadable ones.
 
     Returns each output stacked over the images used, the paths used, their file sha256, the read errors, and a
-    few transformed input tensors (numpy) kept for the ONNX parity check.
+    few transformed input tensors (numpy) kept for the ONNX parity check, and how many network inputs (tiles)
+    each used image gave.
     """
     import torch
 
@@ -130,6 +132,7 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
     errors: List[ImageReadError] = []
     samples: List[np.ndarray] = []
     batch: List[torch.Tensor] = []
+    pieces_per_image: List[int] = []
 
     def flush() -> None:
         if not batch:
@@ -150,7 +153,9 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
         except OSError as error:
             errors.append(ImageReadError(path, f"cannot read file ({error.strerror or error})"))
         else:
-            for piece in spec.pieces(image)[1]:  # the image, or each of its tiles
+            pieces = spec.pieces(image)[1]  # the image, or each of its tiles
+            pieces_per_image.append(len(pieces))
+            for piece in pieces:
                 tensor = torch_preprocess(piece, spec)
                 if len(samples) < 8:
                     samples.append(tensor.numpy().copy())
@@ -163,7 +168,7 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
     flush()
     outputs = {name: np.ascontiguousarray(np.concatenate(parts), dtype=np.float32) if parts
                else np.zeros((0,), np.float32) for name, parts in chunks.items()}
-    return outputs, used, hashes, errors, samples
+    return outputs, used, hashes, errors, samples, pieces_per_image
 
 
 def check_options(options: ExportOptions) -> None:
@@ -198,7 +203,7 @@ def check_options(options: ExportOptions) -> None:
 
 
 # MethodSettings fields the export derives; every other one is the ExportOptions field of the same name.
-_DERIVED_SETTINGS = ("crop", "method_params")
+_DERIVED_SETTINGS = ("crop", "method_params", "pieces_per_image")
 
 
 def _settings(options: ExportOptions, spec: InputSpec, params: Dict[str, Any]) -> MethodSettings:
@@ -264,13 +269,13 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
         try:
             with dask_client(options.dask) as client:
-                outputs, used, hashes, read_errors, samples = extract_on_dask(
+                outputs, used, hashes, read_errors, samples, pieces_per_image = extract_on_dask(
                     client, extract_outputs, network, info.outputs, paths, spec, options.batch_size, progress)
         except DaskUnavailable as error:
             raise ExportError(str(error)) from None
         network = network.to(options.device)
     else:
-        outputs, used, hashes, read_errors, samples = extract_outputs(
+        outputs, used, hashes, read_errors, samples, pieces_per_image = extract_outputs(
             network, info.outputs, paths, spec, options.batch_size, options.device, progress)
     seconds["features"] = time.perf_counter() - start
     skipped = skipped + read_errors
@@ -282,7 +287,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     output_shapes = {name: [int(n) for n in outputs[name].shape[1:]] for name in info.outputs}
     try:
-        fitted = method.fit(outputs, len(used), settings, progress, log)
+        fitted = method.fit(outputs, len(used), replace(settings, pieces_per_image=tuple(pieces_per_image)),
+                            progress, log)
     except MethodExportError as error:
         raise ExportError(str(error)) from None
     del outputs

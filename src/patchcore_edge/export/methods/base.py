@@ -128,6 +128,8 @@ class MethodSettings:
     gaussian_sigma: float = 4.0  # the pixel map's blur (methods whose image score is taken on the map)
     # The method's own parameters (MethodExporter.parameters), parsed and complete (defaults filled in).
     method_params: Dict[str, Any] = field(default_factory=dict)
+    # Network inputs each nominal image gave, in order (a tiled export: its tiles); empty: one each.
+    pieces_per_image: Tuple[int, ...] = ()
 
 
 class MethodExporter(abc.ABC):

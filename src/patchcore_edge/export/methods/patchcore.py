@@ -65,7 +65,8 @@ class PatchCoreExporter(MethodExporter):
         b = min(settings.reweight_neighbours, bank.shape[0])
         neighbours = search.bank_neighbours(bank, b).astype(np.int32)
         progress("index", 1, 3)
-        held_out = leave_one_image_out_scores(features, patches_per_image, selected, bank, neighbours)
+        held_out = leave_one_image_out_scores(features, patches_per_image, selected, bank, neighbours,
+                                              pieces_per_image=settings.pieces_per_image or None)
         progress("index", 2, 3)
         index_params = {
             "M": settings.hnsw_m or search.DEFAULT_M,
