@@ -54,6 +54,8 @@ class FittedMethod:
     params: Dict[str, Any] = field(default_factory=dict)
     summary: Dict[str, Any] = field(default_factory=dict)
     training_scores: Optional[np.ndarray] = None
+    # The heat-map colour range of an uncalibrated bundle, where the image score is not on the map's scale.
+    map_range: Optional[Tuple[float, float]] = None
 
 
 @dataclass(frozen=True)
