@@ -189,3 +189,56 @@ def calibrate_and_decide(bundle: Path, root: Path, image: Path) -> dict:
     record: dict = json.loads(line)
     assert isinstance(record["anomalous"], bool) and record["normalised_score"] > 0
     return record
+
+
+# Networks with several named outputs (SPADE: "features" + "global"), for the TensorRT tests.
+
+
+def two_output_onnx(path: Path) -> Path:
+    """A real two-output ONNX model (the shape of SPADE's network): a 2 x 2 x 3 patch grid "features" and a pooled
+    "global" feature 100 times larger, so that each output's error must be taken against its own scale."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+             helper.make_node("Transpose", ["pooled"], ["features"], perm=[0, 2, 3, 1]),
+             helper.make_node("ReduceMean", ["image"], ["mean"], axes=[2, 3], keepdims=0),
+             helper.make_node("Mul", ["mean", "hundred"], ["global"])]
+    graph = helper.make_graph(
+        nodes, "two_outputs", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 2, 2, 3]),
+         helper.make_tensor_value_info("global", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[helper.make_tensor("hundred", TensorProto.FLOAT, [], [100.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def with_global_output(tiny_bundle: Path, target: Path, record_shapes: bool = True) -> Path:
+    """A copy of the tiny PatchCore bundle whose network has a second output, "global" (the grid's mean over its
+    positions, [B, D]), as SPADE's has; the manifest declares both (and, with record_shapes, their shapes)."""
+    import shutil
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from patchcore_edge.bundle import file_record, manifest_bytes, read_manifest
+
+    bundle = shutil.copytree(tiny_bundle, target)
+    manifest = read_manifest(bundle)
+    features = manifest["features"]
+    model = onnx.load(str(bundle / features["onnx_file"]))
+    grid_output = features["outputs"][0]
+    model.graph.node.append(helper.make_node("ReduceMean", [grid_output], ["global"], axes=[1, 2], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("global", TensorProto.FLOAT, ["batch", features["dim"]]))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(bundle / features["onnx_file"]))
+    features["outputs"] = [grid_output, "global"]
+    features["output_shapes"] = {grid_output: [*features["grid"], features["dim"]], "global": [features["dim"]]}
+    if not record_shapes:
+        del features["output_shapes"]
+    manifest["files"][features["onnx_file"]] = file_record(bundle / features["onnx_file"])
+    (bundle / "manifest.json").write_bytes(manifest_bytes(manifest))
+    return bundle

@@ -96,7 +96,7 @@ def test_run_calibrate_and_eval(padim: Tuple[Path, str], tmp_path: Path) -> None
     evaluated = runner.invoke(main, ["eval", str(bundle), str(mini_category(tmp_path)), *ORT, "-q", "--report",
                                      str(report)])
     assert evaluated.exit_code == 0, evaluated.output
-    assert "note: padim assumes aligned parts" in evaluated.stderr
+    assert "caveat (padim): PaDiM assumes aligned parts" in evaluated.stdout
     metrics = json.loads(report.read_text())["metrics"]
     assert metrics["image_auroc"] > 0.5 and metrics["pixel_auroc"] > 0.5
     calibrate_and_decide(bundle, tmp_path, Path(images[0]))
@@ -176,3 +176,11 @@ def test_region_of_interest_and_tiles_work_through_valid(padim: Tuple[Path, str]
     with Detector.load(tmp_path / "tiles", backend="onnxruntime") as tiled:
         result = tiled.predict(image)
     assert result.anomaly_map is not None and result.anomaly_map.shape == image.shape[:2] and result.score > 0
+
+
+def test_eval_prints_the_aligned_parts_caveat(padim: Tuple[Path, str]) -> None:
+    from patchcore_edge.methods import scorer_class
+
+    path, _ = padim
+    (caveat,) = scorer_class("padim").caveats(Bundle.load(path))
+    assert "assumes aligned parts" in caveat

@@ -107,15 +107,25 @@ def test_engine_build_without_tensorrt_says_so_as_for_patchcore(spade: Tuple[Pat
     assert "Traceback" not in result.output
 
 
-def test_engine_build_of_the_two_output_network_is_refused_clearly(fake: Any, spade: Tuple[Path, str],  # noqa: F811
-                                                                   tmp_path: Path) -> None:
+def test_engine_build_of_the_two_output_network_serves_both_outputs(fake: Any, spade: Tuple[Path, str],  # noqa: F811
+                                                                     tmp_path: Path) -> None:
+    """TensorRT played by the double (its engine computes every output with ONNX Runtime): the SPADE network's
+    grid and global feature are both built, verified, served and scored as ONNX Runtime does."""
+    from patchcore_edge.bundle import read_manifest
+    from patchcore_edge.runtime.detector import Detector
+
     bundle = shutil.copytree(spade[0], tmp_path / "bundle")
-    before = (bundle / "manifest.json").read_bytes()
-    result = CliRunner().invoke(main, ["engine", "build", str(bundle)])
-    assert result.exit_code == 2, result.output
-    assert "2 outputs (features, global)" in result.output and "single-output networks only" in result.output
-    assert "--backend onnxruntime" in result.output and "Traceback" not in result.output
-    assert (bundle / "manifest.json").read_bytes() == before
+    result = CliRunner().invoke(main, ["engine", "build", str(bundle), "--max-batch", "2"])
+    assert result.exit_code == 0, result.output
+    assert "on all 2 outputs" in result.output and "Traceback" not in result.output
+    (entry,) = read_manifest(bundle)["engines"]
+    assert sorted(entry["verification"]["outputs"]) == ["features", "global"]
+    image = np.random.default_rng(5).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    with Detector.load(bundle, backend="auto", ignore_calibration=True) as with_engine, \
+            Detector.load(bundle, backend="onnxruntime", ignore_calibration=True) as reference:
+        assert with_engine.scored_with["engine_file"] == entry["file"]
+        assert with_engine.predict(image, maps=False).score == pytest.approx(
+            reference.predict(image, maps=False).score, rel=1e-5)
 
 
 def test_devices_fit_counts_the_gallery_and_warns_when_it_does_not_fit(spade: Tuple[Path, str],

@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import click
 
+from ..bundle import BundleError
 from ..methods import method_names
 from ..preprocess import FITS
 from ..progress import StageBars
@@ -84,7 +85,7 @@ def export_command(nominal_dir: Path, output: Path, method: str, method_params: 
         import torch  # noqa: F401
     except ImportError:
         raise click.ClickException("export needs torch: pip install 'patchcore-edge[export]'") from None
-    from ..bundle import BundleError
+    # Only now: the exporter imports torch, which the runtime commands must not need.
     from ..export.pipeline import ExportError, ExportOptions, export_bundle
 
     options = ExportOptions(nominal_dir=nominal_dir, output=output, method=method, method_params=method_params,

@@ -14,8 +14,9 @@ Components (bytes):
 - model: ONNX Runtime keeps the weights plus pre-packed copies (measured: about 3.6x the .onnx size); a
   TensorRT engine keeps its serialised size on the device;
 - activations: tensors alive at once during inference. With the `onnx` package importable, a liveness analysis
-  of the graph (shape inference at the batch size, peak of the sum of live tensors, input and output
-  included) times the ORT arena factor; without it, a multiple of the input batch;
+  of the graph (shape inference at the batch size, peak of the sum of live tensors, the input and every
+  output included) times the ORT arena factor; without it, a multiple of the input batch. TensorRT adds the
+  host copies of the input and of every output;
 - runtime overhead: the interpreter with numpy, OpenCV, hnswlib and onnxruntime imported plus an ORT session's
   fixed part, and for TensorRT the CUDA context and TensorRT/cuDNN/cuBLAS libraries.
 
@@ -146,7 +147,12 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
         runtime_overhead = PYTHON_RUNTIME_BYTES + ORT_SESSION_BYTES
 
     input_bytes = images * 3 * spec.height * spec.width * 4
-    output_bytes = images * features.grid[0] * features.grid[1] * features.dim * 4
+    # Every output the network declares (SPADE: the grid and the pooled feature; multi-scale: a grid per scale).
+    output_bytes = images * 4 * sum(math.prod(shape) for shape in features.output_shapes.values())
+    unsized = [name for name in features.outputs if name not in features.output_shapes]
+    if unsized:
+        assumptions.append(f"output(s) {', '.join(unsized)} have no recorded shape (a bundle from before shapes "
+                           "were recorded): their host copies are not counted; re-export to count them")
     peak: Optional[int] = None
     if measure_activations:
         peak = onnx_peak_activation_bytes(bundle.path / onnx_name, images)

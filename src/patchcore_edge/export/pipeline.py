@@ -9,14 +9,15 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, trt
 from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, check_replaceable, write_new_bundle
+from ..devices.engine import build_engine_into
 from ..imageio import ImageReadError, decode_rgb, list_images, read_image_bytes
 from ..preprocess import InputSpec
 from ..stats import quantiles
@@ -196,16 +197,16 @@ def check_options(options: ExportOptions) -> None:
     check_replaceable(output, options.force)
 
 
+# MethodSettings fields the export derives; every other one is the ExportOptions field of the same name.
+_DERIVED_SETTINGS = ("crop", "method_params")
+
+
 def _settings(options: ExportOptions, spec: InputSpec, params: Dict[str, Any]) -> MethodSettings:
-    return MethodSettings(method_params=params,
-        backbone=options.backbone, weights=options.weights, feature_dim=options.feature_dim,
-        coreset_ratio=options.coreset_ratio, coreset_size=options.coreset_size,
-        projection_dim=options.projection_dim, device=options.device, seed=options.seed, hnsw_m=options.hnsw_m,
-        ef_construction=options.ef_construction, ef=options.ef, reweight_neighbours=options.reweight_neighbours,
-        rerank=options.rerank, reduction=options.reduction, layers=options.layers,
-        coreset_method=options.coreset_method, device_profile=options.device_profile, dask=options.dask,
-        # A non-square input counts as a square of its longer side in the device memory cap: never too small.
-        crop=max(spec.width, spec.height), gaussian_sigma=options.gaussian_sigma)
+    """What a method may read: ExportOptions' fields by name (a MethodSettings field ExportOptions lacks fails
+    here, never defaults silently), the parsed method parameters, and the crop of the memory cap."""
+    copied = {f.name: getattr(options, f.name) for f in fields(MethodSettings) if f.name not in _DERIVED_SETTINGS}
+    # A non-square input counts as a square of its longer side in the device memory cap: never too small.
+    return MethodSettings(**copied, crop=max(spec.width, spec.height), method_params=params)
 
 
 def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log,
@@ -267,6 +268,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         raise ExportError(f"{options.nominal_dir}: found {len(used)} usable image(s) (skipped {len(skipped)}); "
                           f"an export needs at least {MIN_IMAGES} images of good parts")
 
+    output_shapes = {name: [int(n) for n in outputs[name].shape[1:]] for name in info.outputs}
     try:
         fitted = method.fit(outputs, len(used), settings, progress, log)
     except MethodExportError as error:
@@ -315,7 +317,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 "dim": int(info.dim), "grid": [int(info.grid[0]), int(info.grid[1])],
                 "stride": int(info.stride), "local_neighbourhood": 3,
                 "onnx_file": "features.onnx", "input_name": "image", "output_name": info.outputs[0],
-                "outputs": list(info.outputs),
+                "outputs": list(info.outputs), "output_shapes": output_shapes,
                 "layout": "NHWC", "onnx_parity": {"max_abs_diff": float(parity.max_abs),
                                                    "tolerance": float(parity.tolerance),
                                                    "images": int(min(len(samples), options.parity_images))},
@@ -350,9 +352,6 @@ def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[n
     """
     if not options.engine:
         return "TensorRT engine: not requested (--no-engine)"
-    from .. import trt
-    from ..devices.engine import build_engine_into
-
     available, reason = trt.tensorrt_status()
     if not available:
         return f"TensorRT engine: skipped ({reason}); build it on the device with `patchcore-edge engine build`"

@@ -74,6 +74,12 @@ class Scorer(abc.ABC):
                 for key, record in bundle.method.arrays.items()}
 
     @classmethod
+    def caveats(cls, bundle: "Bundle") -> List[str]:
+        """Where this method's numbers need care on this bundle, one sentence each (`eval` prints them under
+        its tables; PaDiM: it assumes aligned parts). The default: none."""
+        return []
+
+    @classmethod
     def memory_advice(cls, bundle: "Bundle") -> Optional[str]:
         """What to change when the bundle does not fit a board (`devices fit`); None: the generic advice."""
         return None

@@ -170,6 +170,13 @@ class PadimMethod(Scorer):
 
     name = NAME
 
+    @classmethod
+    def caveats(cls, bundle: "Bundle") -> List[str]:
+        assumes = bundle.method.params.get("assumes")
+        if not isinstance(assumes, str):
+            return []
+        return [f"PaDiM assumes {assumes}; parts that move or turn in the image score as anomalies"]
+
     def __init__(self, core: PadimScorer) -> None:
         self.core = core
 

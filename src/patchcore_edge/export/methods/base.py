@@ -97,7 +97,12 @@ class MethodParameter:
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """The export options every method may read (each method takes what applies to it)."""
+    """The export options every method may read (each method takes what applies to it).
+
+    A separate type so that methods never see the pipeline's own options (paths, --force, the engine); the
+    export builds it from ExportOptions by field name (`pipeline._settings`), so a field added here needs the
+    ExportOptions field of the same name, with the same default (tests/test_options.py).
+    """
 
     backbone: str = "mobilenet_v2"
     weights: Optional[str] = None
