@@ -49,8 +49,15 @@ def export(method: str, train: Path, bundle: Path, pixel_args: List[str]) -> Dic
     return {"export_s": wall, "export_stages": stages.group(1) if stages else "", "stdout": done.stdout}
 
 
-def measure(name: str, data: Path, method: str, scratch: Path, pixel_size: Optional[int]) -> Dict[str, Any]:
+def measure(name: str, data: Path, method: str, scratch: Path, pixel_size: Optional[int],
+            reuse: bool = False) -> Dict[str, Any]:
     bundle = scratch / "bundles" / f"{name}-{method}"
+    saved = scratch / f"{name}-{method}.json"
+    if reuse and saved.is_file():  # a row measured by an earlier run of this script (its load is in the row)
+        row = json.loads(saved.read_text())
+        row.pop("report", None)
+        row["reused"] = True
+        return row
     row: Dict[str, Any] = {"data": name, "method": method, **export(method, data / "train" / "good", bundle, [])}
     with Detector.load(bundle, backend="onnxruntime") as detector:
         report = evaluate(detector, discover_mvtec(data), pixel_size=pixel_size)
@@ -75,12 +82,13 @@ def _f(value: Optional[float], digits: int = 3) -> str:
 
 def table(rows: List[Dict[str, Any]]) -> List[str]:
     lines = ["| data | method | image AUROC | pixel AUROC | AUPRO@0.3 | preprocess ms | network ms | scorer ms | "
-             "map ms | bundle MB | export s (stages) |", "| " + " | ".join(["---"] * 11) + " |"]
+             "map ms | bundle MB | export s (stages) | load |", "| " + " | ".join(["---"] * 12) + " |"]
     for row in rows:
         stages = row["stages_ms"]
         lines.append(f"| {row['data']} | {row['method']} | {_f(row['image_auroc'])} | {_f(row['pixel_auroc'])} | "
                      f"{_f(row['aupro'])} | " + " | ".join(_f(stages.get(k), 1) for k in STAGES)
-                     + f" | {row['bundle_mb']:.1f} | {row['export_s']:.0f} ({row['export_stages']}) |")
+                     + f" | {row['bundle_mb']:.1f} | {row['export_s']:.0f} ({row['export_stages']}) | "
+                     f"{row['load']:.1f} |")
     return lines
 
 
@@ -93,6 +101,8 @@ def main() -> None:
     parser.add_argument("--pixel-size", type=int, default=None, help="pixel metrics size (default: native)")
     parser.add_argument("--scratch", type=Path, default=REPO / "out" / "methods_bench")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="DATA-METHOD",
+                        help="rows to take from an earlier run's JSON in --scratch, e.g. bottle-patchcore")
     args = parser.parse_args()
     scratch = args.scratch
     scratch.mkdir(parents=True, exist_ok=True)
@@ -100,7 +110,7 @@ def main() -> None:
     load_before = os.getloadavg()
     data = {"bottle": bottle_subset(scratch, 10_000),
             "elpv": elpv_subset(scratch, args.elpv_train, args.elpv_test)}
-    rows = [measure(name, data[name], method, scratch, args.pixel_size)
+    rows = [measure(name, data[name], method, scratch, args.pixel_size, f"{name}-{method}" in args.reuse)
             for name in args.datasets for method in args.methods]
     load_after = os.getloadavg()
     header = [
@@ -119,7 +129,8 @@ def main() -> None:
         f"{args.elpv_train} good cells for training, {args.elpv_test} good + {args.elpv_test} defective "
         "(probability 1.0) for test, no masks (pixel metrics n/a)",
         "- stage ms: Result.timing_ms medians (network = ONNX Runtime, scorer = the method's numpy scorer); "
-        "bundle MB: every file of the bundle; export s: wall time of the command (its stage times in brackets)",
+        "bundle MB: every file of the bundle; export s: wall time of the command (its stage times in brackets); "
+        "load: the 1-minute load average when the row's evaluation ended",
         "",
     ]
     args.out.write_text("\n".join(header + table(rows)) + "\n")

@@ -147,6 +147,50 @@ def rewrite_method_array(bundle: Path, key: str, array: np.ndarray, record_shape
     (bundle / "manifest.json").write_bytes(manifest_bytes(manifest))
 
 
+def assert_matches_reference(detector, images, expected) -> None:  # type: ignore[no-untyped-def]
+    """The runtime through an exported bundle vs a method's torch reference (`score`, `patch_map`, `crop_map`
+    per image), 1e-4 relative: image scores from `Detector.predict`, patch maps from the bundle's scorer on
+    the ONNX Runtime outputs, pixel maps upsampled and smoothed as the runtime does."""
+    from patchcore_edge.maps import anomaly_map
+    from patchcore_edge.preprocess import preprocess
+
+    spec, sigma = detector.spec, detector.bundle.map_sigma
+    scores = np.array([detector.predict(image, maps=False).score for image in images])
+    scored = detector.scorer.score(detector.backend.run(np.stack([preprocess(image, spec) for image in images])))
+    assert len(set(np.round(scores, 3))) > 1
+    np.testing.assert_allclose(scores, [e.score for e in expected], rtol=1e-4)
+    for method_score, ref in zip(scored, expected):
+        assert method_score.patch_map.shape == detector.bundle.features.grid
+        np.testing.assert_allclose(method_score.patch_map, ref.patch_map, rtol=1e-4, atol=1e-4 * ref.patch_map.max())
+        pixel = anomaly_map(method_score.patch_map, (spec.width, spec.height), sigma)
+        assert pixel.shape == (spec.height, spec.width)
+        span = float(ref.crop_map.max() - ref.crop_map.min())
+        np.testing.assert_allclose(pixel, ref.crop_map, rtol=0, atol=1e-4 * span)
+
+
+def calibrate_and_decide(bundle: Path, root: Path, image: Path) -> dict:
+    """`calibrate` BUNDLE on 12 bottle test/good images, then `run` IMAGE: its JSON line (with a decision)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from patchcore_edge.cli import main
+
+    good = root / "calibration-good"
+    good.mkdir()
+    for source in bottle_images("test/good", 12):
+        (good / source.name).symlink_to(source)
+    runner = CliRunner()
+    calibrated = runner.invoke(main, ["calibrate", str(bundle), str(good), "--backend", "onnxruntime", "-q"])
+    assert calibrated.exit_code == 0, calibrated.output
+    result = runner.invoke(main, ["run", str(bundle), str(image), "--no-maps", "--backend", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    (line,) = [text for text in result.stdout.splitlines() if text.startswith("{")]
+    record: dict = json.loads(line)
+    assert isinstance(record["anomalous"], bool) and record["normalised_score"] > 0
+    return record
+
+
 # Networks with several named outputs (SPADE: "features" + "global"), for the TensorRT tests.
 
 

@@ -346,7 +346,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                       "gaussian_sigma": float(options.gaussian_sigma if fitted.map_sigma is None
                                               else fitted.map_sigma),
                       # Quantiles of training images scored as new parts (for PatchCore: export/heldout.py).
-                      "training_scores": quantiles(held_out) if held_out is not None and held_out.size else None},
+                      "training_scores": quantiles(held_out) if held_out is not None and held_out.size else None,
+                      **({} if fitted.map_range is None else {"map_range": [float(v) for v in fitted.map_range]})},
             "engines": engines,
             "calibration": None,
             "training_images": {"file": "training_images.json", "count": len(used)},

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+
+from ..bundle import BundleError
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -85,3 +87,11 @@ class Scorer(abc.ABC):
     def settings(self) -> Dict[str, object]:
         """What the scores depend on beyond the bundle files (PatchCore: ef, exact search), for calibration."""
         return {}
+
+
+def require_outputs(bundle: "Bundle", names: Tuple[str, ...]) -> None:
+    """BundleError naming the manifest when the bundle's network lacks an output the method reads."""
+    missing = [name for name in names if name not in bundle.features.outputs]
+    if missing:
+        raise BundleError(f"{bundle.path / 'manifest.json'}: features.outputs {list(bundle.features.outputs)} lack "
+                          f"{missing[0]!r}, which method {bundle.method.name} reads; re-export the bundle")

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..maps import anomaly_map
-from .base import MethodScore, Scorer, ScorerOptions
+from .base import MethodScore, Scorer, ScorerOptions, require_outputs
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -187,9 +187,7 @@ class PadimMethod(Scorer):
             params = PadimParams.from_manifest(bundle.method.params)
         except PadimArrayError as error:
             raise BundleError(f"{where}: {error}; re-export the bundle") from None
-        if OUTPUT not in bundle.features.outputs:
-            raise BundleError(f"{where}: features.outputs {list(bundle.features.outputs)} lack {OUTPUT!r}; "
-                              "re-export the bundle")
+        require_outputs(bundle, (OUTPUT,))
         expected = (*bundle.features.grid, bundle.features.dim)
         if params.d != bundle.features.dim:
             raise BundleError(f"{where}: method.params.d={params.d} but the network gives {bundle.features.dim} "

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..search import as_bank, blas_threads, row_distances, squared_norms
-from .base import MethodScore, Scorer, ScorerOptions
+from .base import MethodScore, Scorer, ScorerOptions, require_outputs
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -208,10 +208,7 @@ class SpadeMethod(Scorer):
             params = SpadeParams.from_manifest(bundle.method.params)
         except SpadeArrayError as error:
             raise BundleError(f"{where}: {error}; re-export the bundle") from None
-        missing = [name for name in (GRID_OUTPUT, GLOBAL_OUTPUT) if name not in bundle.features.outputs]
-        if missing:
-            raise BundleError(f"{where}: features.outputs {list(bundle.features.outputs)} lack {missing[0]!r}, "
-                              "which SPADE needs; re-export the bundle")
+        require_outputs(bundle, (GRID_OUTPUT, GLOBAL_OUTPUT))
         global_features = bundle.method_array("global_features")  # dtype and shape as method.arrays records
         gallery = bundle.method_array("gallery")
         gallery_file = bundle.path / bundle.method.arrays["gallery"].file

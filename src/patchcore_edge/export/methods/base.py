@@ -57,6 +57,8 @@ class FittedMethod:
     # Gaussian sigma of the pixel map when the method's inference fixes it (trained patch methods: 0, the
     # paper's mean over covering patches); None: the export option.
     map_sigma: Optional[float] = None
+    # The heat-map colour range of an uncalibrated bundle, where the image score is not on the map's scale.
+    map_range: Optional[Tuple[float, float]] = None
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,8 @@ class PadimExporter(MethodExporter):
         return network, NetworkInfo(
             outputs=OUTPUTS, dim=int(info["dim"]), grid=(int(info["grid"][0]), int(info["grid"][1])),
             stride=int(info["stride"]), backbone=backbone_manifest(settings.backbone, info["weights"]),
-            layers=tuple(info["layers"]), extra={"embedding_dim": int(info["embedding_dim"])})
+            layers=tuple(info["layers"]),
+            extra={"local_neighbourhood": 1, "embedding_dim": int(info["embedding_dim"])})
 
     def fit(self, outputs: Dict[str, np.ndarray], images: int, settings: MethodSettings, progress: Progress,
             log: Log) -> FittedMethod:

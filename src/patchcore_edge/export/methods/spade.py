@@ -23,7 +23,8 @@ from .base import Progress
 from .pyramid import backbone_manifest, build_body, frozen, last_stage, probe_shapes, pyramid_grid
 
 OUTPUTS = (GRID_OUTPUT, GLOBAL_OUTPUT)
-# Training images whose maps measure the error a float16 gallery causes (each scored against the others).
+# Training images scored as new parts against the others: their maps give the heat-map range and measure the
+# error a float16 gallery causes.
 FLOAT16_CHECK_IMAGES = 8
 DEFAULT_K = 50  # the paper's K for MVTec AD
 DEFAULT_KAPPA = 1
@@ -112,33 +113,33 @@ def reference_spade_scores(network: SpadeNetwork, images_rgb: Sequence[np.ndarra
     return results
 
 
-def float16_error(global_features: np.ndarray, grids: np.ndarray, params: SpadeParams,
-                  images: int = FLOAT16_CHECK_IMAGES) -> Dict[str, Any]:
-    """What storing the gallery in float16 does to the scores, measured on training images.
-
-    Each of the first `images` training images is scored as a new part against the others (its K nearest
-    other images), once with the float32 gallery and once with its float16 rounding. The image score uses the
-    float32 global features only, so float16 cannot change it; the map's difference is relative to the
-    float32 map's maximum.
-    """
+def leave_one_out_maps(global_features: np.ndarray, grids: np.ndarray, params: SpadeParams, images: int,
+                       dtype: str) -> np.ndarray:
+    """float64 [images, h*w]: the first `images` training images' patch maps, each scored as a new part against
+    its K nearest *other* training images, with the gallery stored as `dtype`."""
     n = int(global_features.shape[0])
-    count = min(images, n)
-    k = min(params.k, n - 1)
-    if count < 1 or k < 1:
-        return {"images": 0, "max_relative_map_difference": None, "max_relative_image_score_difference": 0.0}
-    _, rows = exact_knn(global_features[:count], global_features, k + 1)
+    count, k = min(images, n), min(params.k, n - 1)
     dim = grids.shape[-1]
-    worst = 0.0
+    if count < 1 or k < 1:
+        return np.zeros((0, grids.shape[1] * grids.shape[2]))
+    _, rows = exact_knn(global_features[:count], global_features, k + 1)
+    maps = []
     for i in range(count):
         others = [int(r) for r in rows[i] if r != i][:k]
         query = np.ascontiguousarray(grids[i].reshape(-1, dim), dtype=np.float32)
-        exact = np.ascontiguousarray(grids[others].reshape(-1, dim), dtype=np.float32)
-        rounded = exact.astype(np.float16).astype(np.float32)
-        kappa = min(params.kappa, exact.shape[0])
-        map32 = exact_knn(query, exact, kappa)[0].mean(axis=1, dtype=np.float64)
-        map16 = exact_knn(query, rounded, kappa)[0].mean(axis=1, dtype=np.float64)
-        worst = max(worst, float(np.abs(map16 - map32).max() / max(float(map32.max()), 1e-12)))
-    return {"images": count, "max_relative_map_difference": worst, "max_relative_image_score_difference": 0.0}
+        gallery = np.ascontiguousarray(grids[others].reshape(-1, dim).astype(dtype), dtype=np.float32)
+        maps.append(exact_knn(query, gallery, min(params.kappa, gallery.shape[0]))[0].mean(axis=1, dtype=np.float64))
+    return np.stack(maps)
+
+
+def float16_error(exact: np.ndarray, rounded: np.ndarray) -> Dict[str, Any]:
+    """What storing the gallery in float16 does to the scores: leave-one-out maps with the float32 gallery
+    (`exact`) and with its float16 rounding (`rounded`). The image score uses the float32 global features only,
+    so float16 cannot change it; the map difference is relative to the float32 map's maximum."""
+    worst = max((float(np.abs(r - e).max() / max(float(e.max()), 1e-12)) for e, r in zip(exact, rounded)),
+                default=None)
+    return {"images": int(len(exact)), "max_relative_map_difference": worst,
+            "max_relative_image_score_difference": 0.0}
 
 
 class SpadeExporter(MethodExporter):
@@ -162,7 +163,9 @@ class SpadeExporter(MethodExporter):
             outputs=OUTPUTS, dim=int(info["dim"]), grid=(int(info["grid"][0]), int(info["grid"][1])),
             stride=int(info["stride"]), backbone=backbone_manifest(settings.backbone, info["weights"]),
             layers=tuple(info["layers"]),
-            extra={"global_layer": info["global_layer"], "global_dim": int(info["global_dim"])})
+            # Pyramid features are not averaged over a neighbourhood (PatchCore's 3 x 3 is not applied).
+            extra={"local_neighbourhood": 1, "global_layer": info["global_layer"],
+                   "global_dim": int(info["global_dim"])})
 
     def fit(self, outputs: Dict[str, np.ndarray], images: int, settings: MethodSettings, progress: Progress,
             log: Log) -> FittedMethod:
@@ -173,9 +176,13 @@ class SpadeExporter(MethodExporter):
         start = time.perf_counter()
         progress("gallery", 0, 1)
         fitted = fit_spade(grids, pooled, k=k, kappa=kappa, gallery_dtype=dtype)
+        held_out = leave_one_out_maps(fitted.arrays["global_features"], grids, fitted.params,
+                                      FLOAT16_CHECK_IMAGES, dtype)
         error: Optional[Dict[str, Any]] = None
         if dtype == "float16":
-            error = float16_error(fitted.arrays["global_features"], grids, fitted.params)
+            exact = leave_one_out_maps(fitted.arrays["global_features"], grids, fitted.params,
+                                       FLOAT16_CHECK_IMAGES, "float32")
+            error = float16_error(exact, held_out)
         progress("gallery", 1, 1)
         params = {**fitted.params.to_manifest(), "k_requested": k, "gallery_dtype": dtype, "float16_error": error}
         n, h, w, dim = fitted.arrays["gallery"].shape
@@ -190,6 +197,9 @@ class SpadeExporter(MethodExporter):
         if error is not None:
             lines["float16 error"] = (f"max relative map difference {error['max_relative_map_difference']:.2e} on "
                                       f"{error['images']} training images (image scores unchanged)")
+        # The heat-map range: patch distances are on another scale than SPADE's image score (global features).
+        top = float(held_out.max()) if held_out.size else 0.0
         return FittedMethod(arrays=fitted.arrays, params=params, training_scores=fitted.training_scores,
+                            map_range=(0.0, 2.0 * top) if top > 0 else None,
                             summary={"patches": int(n * h * w), "bank_mb": gallery_mb, "lines": lines,
                                      "seconds": {"gallery": time.perf_counter() - start}})
