@@ -91,9 +91,19 @@ BACKBONE_CONFIGS = [
            dim=120, reduction="concat"),
     Config("efficientnet_lite1 6+14 152 squash", backbone="efficientnet_lite1", reduction="concat"),
     Config("efficientnet_lite2 6+14 168 squash", backbone="efficientnet_lite2", reduction="concat"),
+    # 12-16: every Lite with its stride-16 tap at the middle or the end of the stride-16 blocks, per-stage.
+    Config("efficientnet_lite0 4+7 120 squash per-stage", backbone="efficientnet_lite0",
+           layers=("blocks.4", "blocks.7"), dim=120, reduction="per-stage"),
+    Config("efficientnet_lite1 6+10 120 squash per-stage", backbone="efficientnet_lite1",
+           layers=("blocks.6", "blocks.10"), dim=120, reduction="per-stage"),
+    Config("efficientnet_lite1 6+14 152 squash per-stage", backbone="efficientnet_lite1", reduction="per-stage"),
+    Config("efficientnet_lite2 6+10 136 squash per-stage", backbone="efficientnet_lite2",
+           layers=("blocks.6", "blocks.10"), dim=136, reduction="per-stage"),
+    Config("efficientnet_lite2 6+14 168 squash per-stage", backbone="efficientnet_lite2", reduction="per-stage"),
 ]
 # Labels without "per-stage" use the concatenation order (the order before issue 11 item 5).
-STRIP_FITS = [Config("crop", fit="crop"), Config("squash 224", fit="squash")]
+STRIP_FITS = [Config("crop", fit="crop"), Config("squash 224", fit="squash"),
+              Config("letterbox 224", fit="letterbox")]
 
 
 # ------------------------------------------------------------------------------------------------- data sets
@@ -324,7 +334,8 @@ def write_section(name: str, body: List[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=["backbones", "strips"],
-                        choices=("backbones", "strips", "tiles", "macs"))
+                        choices=("backbones", "strips", "tiles", "macs", "timing"))
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per repeat (--experiments timing)")
     parser.add_argument("--configs", type=int, nargs="+", default=None,
                         help="indices into: " + "; ".join(f"{i}: {c.label}" for i, c in enumerate(BACKBONE_CONFIGS)))
     parser.add_argument("--train", type=int, default=60, help="training images per data set")
@@ -334,6 +345,7 @@ def main() -> None:
     parser.add_argument("--strip-train", type=int, default=20, help="train/good images cut into 3 strips each")
     parser.add_argument("--pixel-size", type=int, default=256)
     parser.add_argument("--scratch", type=Path, default=REPO / "out" / "geometry_bench")
+    parser.add_argument("--tag", default="", help="suffix of the result sections (keeps earlier runs' sections)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     import torch
@@ -355,6 +367,37 @@ def main() -> None:
         for config in BACKBONE_CONFIGS:
             print(f"{config.label}: {count_mmacs(config):.0f} MMAC", flush=True)
 
+    if "timing" in args.experiments:
+        # Features network alone, every config in one process, repeats round-robin: run it under the shared
+        # timing lock (flock /work/coord/bench.lock ...) so that other helpers' timings do not overlap it.
+        from layer_choice import time_extractors
+
+        from patchcore_edge.export.backbones import get_spec
+        from patchcore_edge.export.features import build_extractor
+        from patchcore_edge.imageio import read_rgb
+        from patchcore_edge.preprocess import InputSpec, preprocess
+
+        chosen = [BACKBONE_CONFIGS[i] for i in (args.configs if args.configs is not None
+                                                 else range(len(BACKBONE_CONFIGS)))]
+        image = read_rgb(sorted((BOTTLE / "test" / "broken_large").glob("*.png"))[0])
+        rows = ["| candidate | features ms, lowest repeat median | features ms, median of all runs | ONNX MB | MMAC |",
+                "| --- | ---: | ---: | ---: | ---: |"]
+        before = os.getloadavg()[0]
+        prepared = []
+        for config in chosen:
+            weights = get_spec(config.backbone)
+            spec = InputSpec(fit=config.fit, size=config.size, mean=weights.mean, std=weights.std)
+            extractor, _ = build_extractor(config.backbone, None, spec, config.dim, layers=config.layers,
+                                           reduction=config.reduction)
+            prepared.append((extractor, spec, preprocess(image, spec)))
+        for config, (best, median, onnx_mb) in zip(chosen, time_extractors(prepared, args.runs)):
+            rows.append(f"| {config.label} | {best:.2f} | {median:.2f} | {onnx_mb:.2f} | {count_mmacs(config):.0f} |")
+            print(rows[-1], flush=True)
+        write_section("timing" + args.tag, header + [
+            f"Features network only (ONNX Runtime CPU, 2 intra-op threads, batch 1, one bottle image), 10 warm-up "
+            f"runs then 3 x {args.runs} timed runs per candidate, the repeats round-robin; load average {before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after.", ""] + rows)
+
     if "backbones" in args.experiments:
         data = {"bottle": bottle_subset(scratch, args.train),
                 "elpv": elpv_subset(scratch, args.train, args.elpv_test)}
@@ -366,7 +409,7 @@ def main() -> None:
                 outcomes.append(run_config(config, folder, scratch, args.coreset, args.pixel_size, name))
         body = header + [f"Data: bottle {args.train} train/good, 83 test (masks); ELPV {args.train} good train, "
                          f"{args.elpv_test} good + {args.elpv_test} defective test (no masks: pixel n/a).", ""]
-        write_section("backbones", body + table(outcomes, ["bottle", "elpv"]) +
+        write_section("backbones" + args.tag, body + table(outcomes, ["bottle", "elpv"]) +
                       ["", f"({(time.perf_counter() - started) / 60:.1f} min, load {os.getloadavg()[0]:.1f} at end)"])
 
     if "strips" in args.experiments:
@@ -385,7 +428,7 @@ def main() -> None:
                             f"{recall['end_regions']} | {_f(recall['end_recall'])} | "
                             f"{_f(recall['middle_recall'])} | {outcome.predict_ms:.1f} |")
                 print(rows[-1], flush=True)
-        write_section("strips", header + rows)
+        write_section("strips" + args.tag, header + rows)
 
     if "tiles" in args.experiments:
         data_dir = upscaled_set(scratch, train=min(args.train, 12), test=6)
@@ -396,7 +439,7 @@ def main() -> None:
             m = outcome.metrics
             rows.append(f"| {config.label} | {_f(m['image_auroc'])} | {_f(m['pixel_auroc'])} | {_f(m['aupro'])} | "
                         f"{outcome.predict_ms:.0f} |")
-        write_section("tiles", header + [f"Data: bottle x3, {min(args.train, 12)} train images, 6 test images per "
+        write_section("tiles" + args.tag, header + [f"Data: bottle x3, {min(args.train, 12)} train images, 6 test images per "
                                          f"test folder; coreset {args.coreset / 10:.1%}.", ""] + rows)
 
 

@@ -159,35 +159,41 @@ def pixel_samples(distances: torch.Tensor, image_shape: Tuple[int, int]) -> np.n
 
 def time_onnx(candidates: Sequence[Candidate], sample: np.ndarray, runs: int
               ) -> List[Tuple[float, float, float]]:
-    """Per candidate: (lowest repeat median ms, median of all runs ms, ONNX MB), one image at batch 1.
+    """Per candidate: (lowest repeat median ms, median of all runs ms, ONNX MB), one image at batch 1."""
+    extractors = [build_extractor("mobilenet_v2", None, SPEC, cand.dim, layers=(cand.finer, cand.coarser),
+                                  count_include_pad=cand.count_include_pad)[0] for cand in candidates]
+    return time_extractors([(e, SPEC, sample) for e in extractors], runs)
 
-    The repeats go round-robin over the candidates, so a burst of load from other processes hits one repeat of
-    several candidates rather than every run of one.
+
+def time_extractors(extractors: Sequence[Tuple[torch.nn.Module, InputSpec, np.ndarray]], runs: int
+                    ) -> List[Tuple[float, float, float]]:
+    """Per (extractor, its input spec, one input [3, H, W]), exported to ONNX and run by ONNX Runtime CPU (2
+    intra-op threads, batch 1): (lowest repeat median ms, median of all runs ms, ONNX MB).
+
+    The repeats go round-robin over the extractors, so a burst of load from other processes hits one repeat of
+    several of them rather than every run of one.
     """
     import onnxruntime as ort
 
     sessions = []
     sizes = []
-    for cand in candidates:
-        extractor, _ = build_extractor("mobilenet_v2", None, SPEC, cand.dim,
-                                       layers=(cand.finer, cand.coarser),
-                                       count_include_pad=cand.count_include_pad)
+    for extractor, spec, _ in extractors:
         with tempfile.TemporaryDirectory() as folder:
-            path = export_onnx(extractor, Path(folder) / "features.onnx", SPEC)
+            path = export_onnx(extractor, Path(folder) / "features.onnx", spec)
             sizes.append(path.stat().st_size / 2**20)
             options = ort.SessionOptions()
             options.intra_op_num_threads = 2
             options.inter_op_num_threads = 1
             sessions.append(ort.InferenceSession(str(path), sess_options=options,
                                                  providers=["CPUExecutionProvider"]))
-    feed = {"image": sample[None]}
-    medians: List[List[float]] = [[] for _ in candidates]
-    every: List[List[float]] = [[] for _ in candidates]
-    for session in sessions:
+    feeds = [{"image": sample[None]} for _, _, sample in extractors]
+    medians: List[List[float]] = [[] for _ in extractors]
+    every: List[List[float]] = [[] for _ in extractors]
+    for session, feed in zip(sessions, feeds):
         for _ in range(10):
             session.run(None, feed)
     for _ in range(TIMING_REPEATS):
-        for index, session in enumerate(sessions):
+        for index, (session, feed) in enumerate(zip(sessions, feeds)):
             times = []
             for _ in range(runs):
                 start = time.perf_counter()

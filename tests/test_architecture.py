@@ -1,7 +1,8 @@
 """The package's shape: no import cycles, and every import points down the layers (ARCHITECTURE.md).
 
 Walks every module's imports with `ast`, function-level ones included (an import inside a function is still a
-dependency), so a new upward import or cycle fails here, not in a newcomer's head.
+dependency), so a new upward import or cycle fails here, not in a newcomer's head. An import inside a function
+only puts off torch, ONNX, TensorRT or an optional extra; every other one is at the top of its module.
 """
 
 from __future__ import annotations
@@ -48,40 +49,48 @@ def _module_name(path: Path) -> str:
     return ".".join([ROOT] + parts)
 
 
-def _imports(path: Path, name: str) -> List[str]:
+def _import_targets(path: Path, name: str) -> List[Tuple[str, bool]]:
+    """(module, imported inside a function) for every import the module runs, third-party ones included."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    found: List[str] = []
-    for node in _runtime_nodes(tree):
+    found: List[Tuple[str, bool]] = []
+    for node, in_function in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
-            found += [alias.name for alias in node.names if alias.name.split(".")[0] == ROOT]
+            found += [(alias.name, in_function) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
                 base = base[:len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
-            elif node.module and node.module.split(".")[0] == ROOT:
-                target = node.module
             else:
+                target = node.module or ""
+            if target.split(".")[0] != ROOT:
+                found.append((target, in_function))
                 continue
             # `from . import x` may name a submodule: count it as one when it is.
             for alias in node.names:
                 candidate = f"{target}.{alias.name}"
-                found.append(candidate if _exists(candidate) else target)
+                found.append((candidate if _exists(candidate) else target, in_function))
     return found
 
 
-def _runtime_nodes(tree: ast.AST) -> List[ast.AST]:
-    """Every node but those under `if TYPE_CHECKING:` (annotations only, never executed)."""
-    nodes: List[ast.AST] = []
-    pending: List[ast.AST] = [tree]
+def _imports(path: Path, name: str) -> List[str]:
+    return [target for target, _ in _import_targets(path, name) if target.split(".")[0] == ROOT]
+
+
+def _runtime_nodes(tree: ast.AST) -> List[Tuple[ast.AST, bool]]:
+    """Every node but those under `if TYPE_CHECKING:` (annotations only, never executed), with whether it runs
+    inside a function."""
+    nodes: List[Tuple[ast.AST, bool]] = []
+    pending: List[Tuple[ast.AST, bool]] = [(tree, False)]
     while pending:
-        node = pending.pop()
+        node, in_function = pending.pop()
         if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            pending.extend(node.orelse)
+            pending.extend((child, in_function) for child in node.orelse)
             continue
-        nodes.append(node)
-        pending.extend(ast.iter_child_nodes(node))
+        nodes.append((node, in_function))
+        inner = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        pending.extend((child, inner) for child in ast.iter_child_nodes(node))
     return nodes
 
 
@@ -147,6 +156,39 @@ def test_no_import_cycles() -> None:
         if node not in state:
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+# Third-party packages an import inside a function may put off: torch (the runtime never loads it), ONNX,
+# TensorRT / CUDA, and the optional extras that are not installed everywhere. Everything else is imported at
+# the top of its module, where a reader sees the module's dependencies.
+DEFERRABLE = {"torch", "torchvision", "onnx", "onnxruntime", "tensorrt", "cuda", "efficientnet_lite_pytorch",
+              "dask", "distributed", "paho", "threadpoolctl"}
+
+
+def test_imports_inside_functions_only_put_off_heavy_or_optional_packages() -> None:
+    targets = {_module_name(path): _import_targets(path, _module_name(path))
+               for path in PACKAGE.rglob("*.py")}
+
+    def package_chain(module: str) -> List[str]:  # importing a.b.c runs a, a.b and a.b.c
+        parts = module.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+    # Our modules that load a deferrable package when imported, themselves or through another of ours.
+    heavy: Set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for module, found in targets.items():
+            if module not in heavy and any(
+                    not inside and (target.split(".")[0] in DEFERRABLE or heavy & set(package_chain(target)))
+                    for target, inside in found):
+                heavy.add(module)
+                grew = True
+    offenders = sorted({f"{module} imports {target} inside a function" for module, found in targets.items()
+                       for target, inside in found
+                       if inside and target.split(".")[0] not in DEFERRABLE
+                       and not heavy & set(package_chain(target))})
+    assert not offenders, "import these at the top of the module:\n" + "\n".join(offenders)
 
 
 def test_only_the_bundle_module_reads_manifest_keys() -> None:

@@ -91,6 +91,10 @@ def test_missing_file_is_refused(bundle: Path) -> None:
     (lambda m: m["index"].update(ef=0), "index.ef"),
     (lambda m: m["features"].update(onnx_file="../evil.onnx"), "not a plain file name"),
     (lambda m: m.pop("score"), "missing field 'score'"),
+    (lambda m: m["features"].update(output_shapes={"features": [7, 7, 4], "other": [3]}), "features.output_shapes"),
+    (lambda m: m["features"].update(output_shapes={"features": [7, 0, 4]}), "features.output_shapes"),
+    (lambda m: m["features"].update(output_shapes={"features": [7, 7, 5]}),
+     r"features.output_shapes\['features'\] is \[7, 7, 5\], but grid and dim say \[7, 7, 4\]"),
 ])
 def test_invalid_manifest_fields(bundle: Path, edit: Any, message: str) -> None:
     manifest = json.loads((bundle / MANIFEST).read_text())

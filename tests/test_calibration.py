@@ -134,7 +134,8 @@ def setup(tmp_path: Path) -> Dict[str, Path]:
 
 def run_calibrate(setup: Dict[str, Path], nominal: Optional[Path] = None, **kwargs: Any) -> flow.CalibrationOutcome:
     bundle = setup["bundle"]
-    return flow.calibrate(FakeDetector(), Bundle.load(bundle), nominal or setup["good"], **kwargs)
+    options = flow.CalibrationOptions(nominal or setup["good"], **kwargs)
+    return flow.calibrate(FakeDetector(), Bundle.load(bundle), options)
 
 
 # ---------------------------------------------------------------------------------------------- the record
@@ -278,7 +279,7 @@ def test_only_training_images_is_an_error(setup: Dict[str, Path]) -> None:
     make_nominal(setup["root"] / "more_train", 12, seed=8)
     bundle = make_bundle(setup["root"] / "b2", sorted((setup["root"] / "more_train").iterdir()))
     with pytest.raises(CalibrationError, match=r"0 usable nominal image.*12 left out"):
-        flow.calibrate(FakeDetector(), Bundle.load(bundle), setup["root"] / "more_train")
+        flow.calibrate(FakeDetector(), Bundle.load(bundle), flow.CalibrationOptions(setup["root"] / "more_train"))
 
 
 def test_nominal_outlier_is_flagged_as_likely_mislabelled(setup: Dict[str, Path]) -> None:
@@ -390,7 +391,7 @@ def test_broken_current_calibration_does_not_block_a_new_one(setup: Dict[str, Pa
     first = flow.write_calibration(Bundle.load(bundle, verify=False), run_calibrate(setup).calibration)
     (bundle / first).write_text("{ damaged")
     manifest = read_manifest(bundle, verify_files=False)
-    outcome = flow.calibrate(FakeDetector(), Bundle.load(bundle, verify=False), setup["good"])
+    outcome = flow.calibrate(FakeDetector(), Bundle.load(bundle, verify=False), flow.CalibrationOptions(setup["good"]))
     assert any(f.code == "previous-unreadable" for f in outcome.findings)
     second = flow.write_calibration(Bundle.load(bundle, verify=False), outcome.calibration)
     assert read_manifest(bundle, verify_files=False)["calibration"] == {"file": second, "previous": first}

@@ -19,7 +19,7 @@ from patchcore_edge import bundle as bundle_module
 from patchcore_edge.bundle import Bundle
 from patchcore_edge.cli import main as cli
 from patchcore_edge.runtime import detector as detector_module
-from patchcore_edge.runtime.backends import OnnxRuntimeFeatures, SingleOutputBackend
+from patchcore_edge.runtime.backends import OnnxRuntimeFeatures
 from patchcore_edge.runtime.detector import Detector
 
 from conftest import elpv_images_dir
@@ -91,21 +91,25 @@ def test_an_fp16_engine_added_after_calibration_voids_the_decisions(calibrated: 
     engine_name = bundle.features.onnx_file  # a file of the bundle, so that its sha256 is known
 
     class EngineLike:
+        """What open_backend gives for an engine (trt.TensorRTFeatures): name, engine file, precision, run."""
+
         name = "tensorrt"
+        max_batch = None
+        engine_file = engine_name
+        precision = "fp16"
 
         def __init__(self) -> None:
             self.ort = OnnxRuntimeFeatures(bundle.path / bundle.features.onnx_file, bundle.features.input_name,
                                            bundle.features.outputs, threads=1)
 
-        def features(self, batch: np.ndarray) -> np.ndarray:
-            return self.ort.run(batch)[bundle.features.output_name]
+        def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+            return self.ort.run(batch)
 
         def close(self) -> None:
             pass
 
     def engine_backend(bundle_: Bundle, backend: str = "auto", threads: Any = None) -> Any:
-        return (SingleOutputBackend(EngineLike(), bundle_.features.output_name, engine_file=engine_name,
-                                    precision="fp16"), f"TensorRT engine {engine_name}")
+        return EngineLike(), f"TensorRT engine {engine_name}"
 
     monkeypatch.setattr(detector_module, "open_backend", engine_backend)
     with Detector.load(calibrated["bundle"], backend="auto") as detector:

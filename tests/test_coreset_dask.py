@@ -64,3 +64,4 @@ def test_feature_pass_on_the_cluster_equals_in_process(client: Any, tmp_path: Pa
     np.testing.assert_allclose(remote[0]["features"], local[0]["features"], rtol=1e-5, atol=1e-6)
     assert len(remote[4]) == len(local[4]) and all(np.array_equal(a, b) for a, b in zip(remote[4], local[4]))
     assert seen and seen[-1] == ("features", len(paths), len(paths))
+    assert remote[5] == local[5] == [1] * 11  # one network input per image (no tiles)

@@ -335,11 +335,10 @@ class ShiftedFeatures:
         features = bundle.features
         self.inner = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
                                          threads=1)
-        self.output_name = features.output_name
         self.shift = shift
 
-    def features(self, batch: np.ndarray) -> np.ndarray:
-        return self.inner.run(batch)[self.output_name] * np.float32(1.0 + self.shift)
+    def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
+        return {name: out * np.float32(1.0 + self.shift) for name, out in self.inner.run(batch).items()}
 
     def close(self) -> None:
         self.inner.close()

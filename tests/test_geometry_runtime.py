@@ -127,3 +127,35 @@ def test_tiles_are_scored_one_by_one_and_stitched(bundles: Dict[str, Path]) -> N
     assert t.top <= 130 < t.top + t.height and t.left <= 90 < t.left + t.width
     hot = np.unravel_index(int(np.argmax(result.anomaly_map)), result.anomaly_map.shape)
     assert 100 <= hot[0] < 150 and 60 <= hot[1] < 110
+
+
+def test_tiled_training_reference_is_per_image(bundles: Dict[str, Path]) -> None:
+    """Calibration's drift check compares image scores (max over tiles) with this reference: one per image."""
+    manifest = read_manifest(bundles["tile"])
+    assert manifest["training_images"]["count"] == 8
+    assert manifest["score"]["training_scores"]["n"] == 8  # 8 images of 4 tiles, not 32 tiles
+
+
+def test_memory_estimate_counts_the_tiles_of_a_frame(bundles: Dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from patchcore_edge.cli.devices import devices_group
+    from patchcore_edge.devices.memory import estimate_memory, onnx_peak_activation_bytes
+    from patchcore_edge.devices.profiles import get_profile
+
+    pytest.importorskip("onnx")
+    bundle = Bundle.load(bundles["tile"])
+    profile = get_profile("jetson-orin-nano")
+    small = estimate_memory(bundle, profile, variant="4GB", backend="onnxruntime", image_size=(64, 64))
+    frame = estimate_memory(bundle, profile, variant="4GB", backend="onnxruntime", image_size=(110, 150))
+    assert (small["batch"], frame["batch"]) == (1, 6)  # 64 px tiles, 16 px overlap: 2 x 3 on 110 x 150
+    six = onnx_peak_activation_bytes(bundles["tile"] / "features.onnx", 6)
+    assert six is not None
+    assert frame["components"]["activations"] >= 1.3 * six + 150 * 110 * 11
+    assert frame["components"]["activations"] > small["components"]["activations"]
+    runner = CliRunner()
+    refused = runner.invoke(devices_group, ["fit", str(bundles["tile"]), "--device", "jetson-orin-nano"])
+    assert refused.exit_code == 2 and "--image-size" in refused.output and "Traceback" not in refused.output
+    shown = runner.invoke(devices_group, ["fit", str(bundles["tile"]), "--device", "jetson-orin-nano",
+                                          "--image-size", "110", "150"])
+    assert shown.exit_code == 0 and "6 tiles of 64 px" in shown.output

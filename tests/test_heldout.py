@@ -62,3 +62,26 @@ def test_export_records_quantiles_above_the_training_scores(tiny_bundle: Path) -
     own = [detector.predict(read_rgb(path), maps=False).score
            for path in sorted((tiny_bundle.parent / "nominal").iterdir())]
     assert np.median(own) < recorded["q50"]
+
+
+def test_tiled_images_score_the_maximum_over_their_tiles(rng: np.random.Generator) -> None:
+    """A tiled bundle's reference is per image, as `run` scores it: every tile's rows left out, max over tiles."""
+    per_tile, tiles = 16, [2, 3, 1, 2, 2]
+    owner = np.repeat(np.arange(len(tiles)), tiles)  # image of each tile
+    features = (rng.normal(size=(sum(tiles) * per_tile, 8)) + 3.0).astype(np.float32)
+    selected = rng.choice(features.shape[0], 40, replace=False)
+    neighbours = search.bank_neighbours(features[selected], 4)
+    scores = leave_one_image_out_scores(features, per_tile, selected, features[selected], neighbours,
+                                        pieces_per_image=tiles)
+    expected = []
+    for image in range(len(tiles)):
+        kept = features[selected[owner[selected // per_tile] != image]]  # the bank without any of its tiles
+        rows = per_tile + np.arange(kept.shape[0])
+        # Each tile as "image 0" of a set whose other rows are the reduced bank: _brute_force keeps them all.
+        expected.append(max(_brute_force(np.concatenate([features[t * per_tile:(t + 1) * per_tile], kept]),
+                                         per_tile, rows, 4, 0) for t in np.flatnonzero(owner == image)))
+    assert scores.size == len(tiles)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="adds up to"):
+        leave_one_image_out_scores(features, per_tile, selected, features[selected], neighbours,
+                                   pieces_per_image=[2, 2])

@@ -61,3 +61,26 @@ def test_cli_refuses_an_unknown_parameter_before_any_work(tmp_path: Path) -> Non
     assert "method 'patchcore' takes no parameters" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("method, takes", [("spade", "gallery_dtype, k, kappa"), ("padim", "d, regularisation")])
+def test_spade_and_padim_name_their_parameters(method: str, takes: str, tmp_path: Path) -> None:
+    exporter = get_exporter(method)
+    assert method_params(exporter, [])["k" if method == "spade" else "regularisation"] in (50, 0.01)
+    nominal = tmp_path / "good"
+    nominal.mkdir()
+    result = CliRunner().invoke(main, ["export", str(nominal), "-o", str(tmp_path / "b"), "--method", method,
+                                       "--method-param", "ef=3", "-q"])
+    assert result.exit_code != 0 and f"method {method!r} takes {takes}" in result.output
+    with pytest.raises(ValueError, match="gallery_dtype must be one of float32, float16"):
+        method_params(get_exporter("spade"), ["gallery_dtype=int8"])
+
+
+def test_padim_without_defaults_for_the_backbone_says_which_it_has(tmp_path: Path) -> None:
+    from conftest import make_nominal_folder
+
+    nominal = make_nominal_folder(tmp_path / "good", count=5, size=32)
+    result = CliRunner().invoke(main, ["export", str(nominal), "-o", str(tmp_path / "b"), "--method", "padim",
+                                       "--backbone", "efficientnet_lite0", "-q"])
+    assert result.exit_code != 0 and "PaDiM has no default stages and d for efficientnet_lite0" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "b").exists()

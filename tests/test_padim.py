@@ -17,7 +17,7 @@ PARAMS = PadimParams(d=2, regularisation=0.01, max_condition=1.0, channel_seed=0
 def test_mahalanobis_has_the_known_value() -> None:
     mean = np.array([[[1.0, 2.0]]], np.float32)  # grid 1 x 1, d = 2
     precision = np.array([[[[4.0, 0.0], [0.0, 1.0]]]], np.float32)  # covariance diag(1/4, 1)
-    scorer = PadimScorer(mean, precision, PARAMS, crop=8, sigma=0.0)
+    scorer = PadimScorer(mean, precision, PARAMS, size=8, sigma=0.0)
     distances = scorer.distances(np.array([[[[2.0, 5.0]]]], np.float32))
     np.testing.assert_allclose(distances, [[[np.sqrt(4.0 * 1 + 1.0 * 9)]]], rtol=1e-6)
     (score, patch_map), = scorer.score_batch(np.array([[[[1.0, 2.0]]]], np.float32))
@@ -32,7 +32,7 @@ def test_correlated_covariance_matches_the_quadratic_form(rng: np.random.Generat
     mean = rng.normal(size=(2, 3, 3)).astype(np.float32)
     x = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
     params = PadimParams(d=3, regularisation=0.1, max_condition=1.0, channel_seed=0, channels=(0, 1, 2))
-    got = PadimScorer(mean, precision, params, crop=8, sigma=0.0).distances(x)
+    got = PadimScorer(mean, precision, params, size=8, sigma=0.0).distances(x)
     diff = (x - mean).astype(np.float64)
     expected = np.sqrt(np.einsum("bhwi,hwij,bhwj->bhw", diff, precision.astype(np.float64), diff))
     np.testing.assert_allclose(got, expected, rtol=1e-5)

@@ -50,8 +50,15 @@ def _load(folder: Path) -> Any:
     return Detector.load(folder, backend="onnxruntime")
 
 
+def _first_output_shape_follows(m: Dict[str, Any]) -> None:
+    # The manifest stays consistent with itself (its recorded output shape says the same), not with the network.
+    features = m["features"]
+    features["output_shapes"][features["outputs"][0]] = [*features["grid"], features["dim"]]
+
+
 def _grid_off(m: Dict[str, Any], folder: Path) -> None:
     m["features"]["grid"] = [m["features"]["grid"][0] + 1, m["features"]["grid"][1]]
+    _first_output_shape_follows(m)
 
 
 def _crop_off(m: Dict[str, Any], folder: Path) -> None:
@@ -71,6 +78,7 @@ def _dim_off(m: Dict[str, Any], folder: Path) -> None:
     save_index(build_index(bank), folder / "index.hnsw")
     m["features"]["dim"] += 1
     m["method"]["arrays"]["memory_bank"]["shape"][1] += 1
+    _first_output_shape_follows(m)
 
 
 def _neighbours_wrong(m: Dict[str, Any], folder: Path) -> None:

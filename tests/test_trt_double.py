@@ -9,6 +9,8 @@ own index), so this file builds two fake modules and injects them with monkeypat
   The "ONNX model" it parses is a small JSON description written by the test, and the "engine" it serialises
   is JSON too: the double does not parse ONNX, optimise or generate kernels, and nothing here claims a real
   build or a real inference happened.
+  Its engine has as many outputs as the model declares (SPADE: "features" + "global"; multi-scale: a grid per
+  scale).
 - `FakeCudart` stands in for `cuda.bindings.runtime` with the same function names (checked against the
   installed cuda-python): "device" allocations are host numpy buffers, so copies are real memmoves.
 
@@ -17,8 +19,9 @@ workspace pool, optimisation profile min/opt/max shapes, FP16/INT8/DLA flags, ca
 one device pointer per image then None, cache write; callbacks that never let an exception escape into
 TensorRT, which aborts the process -- the double records such an escape and stops the test), our refusals and their messages (precision a GPU lacks,
 DLA core out of range, FP32 on DLA, parser errors listed per node, engine for another GPU or version, engine
-whose tensors do not match the manifest), and the host/device data path of TensorRTFeatures (profile choice by
-batch size, chunking above max batch, outputs in image order).
+whose tensors do not match the manifest, output by output), and the host/device data path of TensorRTFeatures
+(profile choice by batch size, chunking above max batch, outputs in image order, one device buffer per output of
+a multi-output network and every output returned by name and verified against ONNX Runtime).
 What it does not prove: that real TensorRT accepts these calls, builds a fast or accurate engine, or that the
 engine's features match ONNX Runtime. That is `tests/test_trt_gpu.py` (real TensorRT, skipped without one) and
 `patchcore-edge engine build`'s own verification against ONNX Runtime on the device.
@@ -31,16 +34,19 @@ import ctypes
 import enum
 import importlib.util
 import json
+import re
 import sys
 import types
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import pytest
 
 from patchcore_edge import trt as pe_trt
 from patchcore_edge.trt.callbacks import TensorRTLog
+
+from conftest import two_output_onnx, with_global_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,10 +137,11 @@ def _describe_real_onnx(model: bytes) -> Dict[str, Any]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    (inp,) = session.get_inputs()
     shape = lambda dims: [d if isinstance(d, int) else -1 for d in dims]  # noqa: E731
     return {"input": {"name": inp.name, "shape": shape(inp.shape)},
-            "output": {"name": out.name, "shape": shape(out.shape)}, "onnx": model.hex()}
+            "outputs": [{"name": out.name, "shape": shape(out.shape)} for out in session.get_outputs()],
+            "onnx": model.hex()}
 
 
 class EscapedIntoTensorRT(BaseException):
@@ -146,7 +153,8 @@ def make_fake_tensorrt(version: str = "10.3.0.30") -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     state = types.SimpleNamespace(device="gpu-A", fast_fp16=True, fast_int8=True, dla_cores=0,
-                                  fail_build=False, builds=[], feature_scale=1.0, escaped=[])
+                                  fail_build=False, builds=[], feature_scale=1.0, output_scale={},
+                                  context_shapes={}, escaped=[])
     trt._state = state
 
     def call_back(function: Any, *args: Any) -> Any:
@@ -219,6 +227,13 @@ def make_fake_tensorrt(version: str = "10.3.0.30") -> types.ModuleType:
         def get_input(self, index: int) -> ITensor:
             return self._inputs[index]
 
+        @property
+        def num_outputs(self) -> int:
+            return len(self._outputs)
+
+        def get_output(self, index: int) -> ITensor:
+            return self._outputs[index]
+
     class ParserError:
         def __init__(self, item: Dict[str, Any]) -> None:
             self._item = item
@@ -247,7 +262,7 @@ def make_fake_tensorrt(version: str = "10.3.0.30") -> types.ModuleType:
                 return False
             self._network._onnx = description.get("onnx")
             self._network._inputs = [ITensor(description["input"]["name"], description["input"]["shape"])]
-            self._network._outputs = [ITensor(description["output"]["name"], description["output"]["shape"])]
+            self._network._outputs = [ITensor(o["name"], o["shape"]) for o in description["outputs"]]
             return True
 
         @property
@@ -389,24 +404,39 @@ def make_fake_tensorrt(version: str = "10.3.0.30") -> types.ModuleType:
             self._addresses[name] = int(memory)
             return True
 
+        def get_tensor_shape(self, name: str) -> Dims:
+            # An input: the shape set; an output: the engine's, its batch that of the input (or a knob's shape).
+            (in_name, _, _), *outputs = self._engine._io
+            if name == in_name:
+                return Dims(list(self._shapes[in_name]))
+            tail = next(shape for tensor, _, shape in outputs if tensor == name)[1:]
+            return Dims(state.context_shapes.get(name, [self._shapes[in_name][0], *tail]))
+
         def execute_async_v3(self, stream_handle: int) -> bool:
             # Not an inference: a fixed per-image function so the test can follow each image through.
-            (in_name, _, _), (out_name, _, out_shape) = self._engine._io
+            (in_name, _, _), *outputs = self._engine._io
             batch = self._shapes[in_name]
             count = int(np.prod(batch))
             images = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self._addresses[in_name]))
             images = images.reshape(batch)
-            out = np.empty((batch[0],) + tuple(out_shape[1:]), dtype=np.float32)
             if self._engine._onnx is not None:
-                # Engine made from a real ONNX file: ONNX Runtime computes the features, scaled by a knob.
+                # Engine made from a real ONNX file: ONNX Runtime computes every output, scaled by the knobs.
                 import onnxruntime as ort
 
                 session = ort.InferenceSession(bytes.fromhex(self._engine._onnx),
                                                providers=["CPUExecutionProvider"])
-                out[...] = session.run(None, {in_name: np.array(images)})[0] * np.float32(state.feature_scale)
-            else:
-                out[...] = images.mean(axis=(1, 2, 3))[:, None, None, None]
-            ctypes.memmove(self._addresses[out_name], out.ctypes.data, out.nbytes)
+                names = [o.name for o in session.get_outputs()]
+                computed = dict(zip(names, session.run(names, {in_name: np.array(images)})))
+            for position, (out_name, _, out_shape) in enumerate(outputs):
+                out = np.empty((batch[0],) + tuple(out_shape[1:]), dtype=np.float32)
+                if self._engine._onnx is not None:
+                    scale = state.feature_scale * state.output_scale.get(out_name, 1.0)
+                    out[...] = computed[out_name] * np.float32(scale)
+                else:
+                    # The image's mean, plus the output's position: each output tells which one it is.
+                    means = images.mean(axis=(1, 2, 3)) + position
+                    out[...] = means.reshape((-1,) + (1,) * (out.ndim - 1))
+                ctypes.memmove(self._addresses[out_name], out.ctypes.data, out.nbytes)
             self._runs.append((self._profile, batch[0]))
             return True
 
@@ -476,10 +506,13 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 
 
 def model_file(tmp_path: Path, crop: int = 8, grid: int = 2, dim: int = 4, batch: int = -1,
-               errors: Optional[List[Dict[str, Any]]] = None, name: str = "features.onnx") -> Path:
-    """The fake parser's stand-in for an ONNX file (JSON; see the module docstring)."""
+               errors: Optional[List[Dict[str, Any]]] = None, name: str = "features.onnx",
+               extra_outputs: Sequence[Tuple[str, List[int]]] = ()) -> Path:
+    """The fake parser's stand-in for an ONNX file (JSON; see the module docstring): the patch grid "features",
+    then `extra_outputs` (name, shape after the batch)."""
+    outputs = [("features", [grid, grid, dim]), *extra_outputs]
     description: Dict[str, Any] = {"input": {"name": "image", "shape": [batch, 3, crop, crop]},
-                                   "output": {"name": "features", "shape": [batch, grid, grid, dim]}}
+                                   "outputs": [{"name": n, "shape": [batch, *tail]} for n, tail in outputs]}
     if errors:
         description = {"errors": errors}
     path = tmp_path / name
@@ -734,10 +767,13 @@ def _manifest(crop: int = 8, grid: int = 2, dim: int = 4, output_name: str = "fe
                                                   "output_name": output_name}}
 
 
-def _io(crop: int = 8, grid: int = 2, dim: int = 4, output_name: str = "features") -> pe_trt.TensorIO:
-    """What TensorRTFeatures checks an engine against: the tensors of `_manifest(...)`."""
-    return pe_trt.TensorIO(input_name="image", output_name=output_name, width=crop, height=crop, grid=(grid, grid),
-                           dim=dim)
+def _io(crop: int = 8, grid: int = 2, dim: int = 4, output_name: str = "features",
+        extra_outputs: Sequence[Tuple[str, Optional[Tuple[int, ...]]]] = ()) -> pe_trt.TensorIO:
+    """What TensorRTFeatures checks an engine against: the tensors of `_manifest(...)`, plus `extra_outputs`
+    (name, shape after the batch or None where the manifest records none)."""
+    outputs = (pe_trt.OutputTensor(output_name, (grid, grid, dim)),
+               *(pe_trt.OutputTensor(name, tail) for name, tail in extra_outputs))
+    return pe_trt.TensorIO(input_name="image", width=crop, height=crop, outputs=outputs)
 
 
 def test_engine_from_another_gpu_is_refused_with_rebuild_hint(fake: types.ModuleType, tmp_path: Path) -> None:
@@ -761,8 +797,8 @@ def test_features_run_per_profile_and_in_image_order(fake: types.ModuleType, tmp
     backend = pe_trt.TensorRTFeatures(engine, _io())
     assert backend.max_batch == 4
     batch = np.stack([np.full((3, 8, 8), float(i), dtype=np.float32) for i in range(7)])
-    out = backend.features(batch)
-    single = backend.features(batch[:1])
+    out = backend.run(batch)["features"]
+    single = backend.run(batch[:1])["features"]
     assert out.shape == (7, 2, 2, 4) and out.dtype == np.float32
     np.testing.assert_array_equal(out[:, 0, 0, 0], np.arange(7, dtype=np.float32))
     assert single[0, 1, 1, 3] == 0.0
@@ -773,13 +809,13 @@ def test_features_run_per_profile_and_in_image_order(fake: types.ModuleType, tmp
     backend.close()
     assert cudart._allocations == {} and cudart._streams == set()
     with pytest.raises(RuntimeError, match="closed"):
-        backend.features(batch)
+        backend.run(batch)
 
 
 def test_features_reject_wrong_input_shape(fake: types.ModuleType, tmp_path: Path) -> None:
     with pe_trt.TensorRTFeatures(_engine(fake, tmp_path), _io()) as backend:
         with pytest.raises(ValueError, match=r"\[B, 3, 8, 8\]"):
-            backend.features(np.zeros((1, 3, 9, 9), dtype=np.float32))
+            backend.run(np.zeros((1, 3, 9, 9), dtype=np.float32))
 
 
 def test_engine_file_is_read_and_a_missing_one_named(fake: types.ModuleType, tmp_path: Path) -> None:
@@ -880,6 +916,11 @@ def test_engine_build_registers_verified_engine_and_runtime_picks_it(fake: types
     assert check["image_source"] == "synthetic" and check["scores"]["max_rel_change"] < 1e-5
     assert check["reference"] == "onnxruntime CPUExecutionProvider" and check["images"] == 8
     assert "note: the bundle has no calibration yet" in first.output
+    # A single-output PatchCore bundle: one output recorded, built, checked and returned.
+    assert manifest["features"]["output_shapes"] == {"features": [*manifest["features"]["grid"],
+                                                                  manifest["features"]["dim"]]}
+    assert list(check["outputs"]) == ["features"] and check["features"]["output"] == "features"
+    assert "on all" not in first.output
 
     image = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)
     with_engine = Detector.load(bundle, backend="auto")
@@ -887,6 +928,8 @@ def test_engine_build_registers_verified_engine_and_runtime_picks_it(fake: types
     assert with_engine.backend_name == "tensorrt"
     assert with_engine.predict(image, maps=False).score == pytest.approx(reference.predict(image, maps=False).score,
                                                                          rel=1e-5)
+    assert (with_engine.backend.engine_file, with_engine.backend.precision) == (name, "fp16")
+    assert list(with_engine.backend.run(np.zeros((1, 3, 64, 64), np.float32))) == ["features"]
     with_engine.backend.close()
 
     second = runner.invoke(engine_group, ["build", str(bundle), "--max-batch", "2"])
@@ -1024,6 +1067,210 @@ def test_export_checks_its_engine_on_the_nominal_images(fake: types.ModuleType, 
                                           coreset_ratio=0.25))
     assert "not built" in refused.engine_note and "differ from ONNX Runtime by 0.3" in refused.engine_note
     assert read_manifest(refused.bundle)["engines"] == []
+
+
+# ----------------------------------------------------------------------------------------------- several outputs
+# SPADE's network has the patch grid "features" and the pooled "global" feature; multi-scale methods one grid per
+# scale. Every output the manifest declares is built, buffered, run, returned by name and verified.
+
+
+def test_build_refuses_a_model_whose_outputs_are_not_the_bundles(fake: types.ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(pe_trt.EngineBuildError,
+                       match=r"features\.onnx: the model has outputs \['features'\], the bundle declares "
+                             r"\['features', 'global'\]; re-export"):
+        pe_trt.build_engine(model_file(tmp_path), output_names=["features", "global"])
+    assert fake._state.builds == []  # refused before the (long) build
+    # The order does not matter; the optimisation profiles cover the input only, the outputs follow from it.
+    result = pe_trt.build_engine(model_file(tmp_path, extra_outputs=[("global", [6])]), max_batch=4,
+                                 output_names=["global", "features"])
+    assert [list(p._shapes_set) for p in fake._state.builds[-1]["config"]._profiles_set] == [["image"], ["image"]]
+    assert [tensor[:2] for tensor in json.loads(result.engine)["io"]] == [["image", "INPUT"], ["features", "OUTPUT"],
+                                                                          ["global", "OUTPUT"]]
+
+
+def test_each_output_gets_its_own_buffer_and_comes_back_by_name(fake: types.ModuleType, tmp_path: Path) -> None:
+    engine = _engine(fake, tmp_path, max_batch=4, extra_outputs=[("global", [6]), ("coarse", [1, 1, 4])])
+    cudart = sys.modules["cuda.bindings.runtime"]
+    # The manifest lists the outputs in another order than the engine: the result follows the manifest.
+    backend = pe_trt.TensorRTFeatures(engine, _io(extra_outputs=[("coarse", (1, 1, 4)), ("global", (6,))]))
+    sizes = sorted(block.nbytes for block in cudart._allocations.values())
+    assert sizes == sorted(4 * 4 * n for n in (3 * 8 * 8, 2 * 2 * 4, 1 * 1 * 4, 6))  # max batch 4, float32
+    batch = np.stack([np.full((3, 8, 8), float(i), dtype=np.float32) for i in range(7)])
+    out = backend.run(batch)
+    assert list(out) == ["features", "coarse", "global"]
+    assert [out[name].shape for name in out] == [(7, 2, 2, 4), (7, 1, 1, 4), (7, 6)]
+    # The double's engine writes image mean + the output's position in the engine into each output.
+    for name, position in (("features", 0), ("global", 1), ("coarse", 2)):
+        flat = out[name].reshape(7, -1)
+        np.testing.assert_array_equal(flat, np.broadcast_to(np.arange(7.0)[:, None] + position, flat.shape))
+    runs = [run for context in fake._state.last_engine._contexts for run in context._runs]
+    assert sorted(runs) == [(1, 3), (1, 4)]
+    fake._state.context_shapes = {"global": [1, 7]}  # TensorRT deriving another shape than the buffers hold
+    with pytest.raises(RuntimeError, match=r"output 'global' the shape \[1, 7\] for a batch of 1, expected \[1, 6\]"):
+        backend.run(batch[:1])
+    backend.close()
+    assert cudart._allocations == {} and cudart._streams == set()
+
+
+def test_engine_outputs_must_match_the_manifests(fake: types.ModuleType, tmp_path: Path) -> None:
+    two = _engine(fake, tmp_path, extra_outputs=[("global", [6])])
+    with pytest.raises(pe_trt.EngineLoadError, match=r"<engine bytes>: the engine has output\(s\) 'global' the "
+                                                     r"manifest does not declare.*does not belong to this bundle"):
+        pe_trt.TensorRTFeatures(two, _io())
+    one = _engine(fake, tmp_path)
+    with pytest.raises(pe_trt.EngineLoadError, match=r"the manifest declares output\(s\) 'global' the engine lacks"):
+        pe_trt.TensorRTFeatures(one, _io(extra_outputs=[("global", (6,))]))
+    with pytest.raises(pe_trt.EngineLoadError,
+                       match=r"output 'global' has shape \[-1, 6\], the manifest says \[batch, 5\].*engine build"):
+        pe_trt.TensorRTFeatures(two, _io(extra_outputs=[("global", (5,))]))
+    # An output whose shape the manifest does not record (an older bundle) takes the engine's ...
+    with pe_trt.TensorRTFeatures(two, _io(extra_outputs=[("global", None)])) as backend:
+        assert backend.run(np.zeros((2, 3, 8, 8), np.float32))["global"].shape == (2, 6)
+    # ... which must then be fixed beyond the batch, as the buffers are allocated once.
+    dynamic = _engine(fake, tmp_path, extra_outputs=[("global", [-1])])
+    with pytest.raises(pe_trt.EngineLoadError, match=r"output 'global' has shape \[-1, -1\]: only its batch"):
+        pe_trt.TensorRTFeatures(dynamic, _io(extra_outputs=[("global", None)]))
+
+
+def test_int8_calibration_of_a_two_output_network(fake: types.ModuleType, tmp_path: Path) -> None:
+    images = [np.full((3, 8, 8), float(i), dtype=np.float32) for i in range(3)]
+    result = pe_trt.build_engine(model_file(tmp_path, extra_outputs=[("global", [6])]), precision="int8",
+                                 max_batch=2, calibration_batches=iter(images), output_names=["features", "global"])
+    assert [value for _, value in fake._state.builds[-1]["calibration"]] == [0.0, 1.0, 2.0]
+    assert result.int8_cache == b"calib:3"
+    with pe_trt.TensorRTFeatures(result.engine, _io(extra_outputs=[("global", (6,))]), precision="int8") as backend:
+        assert backend.precision == "int8" and backend.engine_file is None
+        out = backend.run(np.stack(images))
+    np.testing.assert_array_equal(out["global"], np.repeat(np.arange(3, dtype=np.float32)[:, None] + 1, 6, axis=1))
+    np.testing.assert_array_equal(out["features"][:, 1, 1, 3], np.arange(3, dtype=np.float32))
+
+
+def test_calibrator_feeds_only_the_network_input(fake: types.ModuleType) -> None:
+    from patchcore_edge.trt.calibrator import Calibration, make_calibrator
+
+    state = Calibration([np.full((3, 8, 8), 5.0, np.float32)], "image", (1, 3, 8, 8), None)
+    calibrator = make_calibrator(state)
+    assert calibrator.get_batch(["features"]) is None  # held, never raised into TensorRT
+    with pytest.raises(pe_trt.EngineBuildError,
+                       match=r"asked the calibrator for tensors \['features'\], the network's only input is 'image'"):
+        state.held.reraise(pe_trt.EngineBuildError, "INT8 calibration failed")
+    assert state.images_used == 0
+    (pointer,) = calibrator.get_batch(["image"])
+    assert ctypes.c_float.from_address(pointer).value == 5.0 and state.images_used == 1
+    state.release()
+
+
+def test_two_output_network_build_load_run_verify(fake: types.ModuleType, tmp_path: Path) -> None:
+    path = two_output_onnx(tmp_path / "features.onnx")
+    io = pe_trt.onnx_io(path)
+    assert io.output_names == ("features", "global") and [o.tail for o in io.outputs] == [(2, 2, 3), (3,)]
+    result = pe_trt.build_engine(path, precision="fp16", max_batch=4, output_names=io.output_names)
+    images = list(np.random.default_rng(5).standard_normal((6, 3, 8, 8)).astype(np.float32))
+
+    def score(outputs: Any) -> np.ndarray:  # a score that depends on both outputs
+        return outputs["features"].max(axis=(1, 2, 3)) + np.abs(outputs["global"]).max(axis=1) / 100
+
+    with pe_trt.TensorRTFeatures(result.engine, io, precision="fp16") as backend:
+        out = backend.run(np.stack(images))  # 4 + 2 images: both profiles
+        np.testing.assert_allclose(out["global"], np.stack(images).mean(axis=(2, 3)) * 100, rtol=1e-5, atol=1e-5)
+        record = pe_trt.verify_engine(backend, path, io, images, "synthetic", "fp16", score=score)
+    assert sorted(record["outputs"]) == ["features", "global"] and record["features"]["max_rel"] < 1e-6
+    assert record["scores"]["max_rel_change"] < 1e-6 and record["images"] == 6
+
+    fake._state.output_scale = {"global": 1.3}  # only the second output is off
+    with pe_trt.TensorRTFeatures(result.engine, io) as backend:
+        measured = pe_trt.measure_against_onnxruntime(backend, path, io, images, "synthetic")
+        with pytest.raises(pe_trt.EngineBuildError,
+                           match=r"differ from ONNX Runtime by 0\.3 \(relative, output 'global'\).*not registered"):
+            pe_trt.verify_engine(backend, path, io, images, "synthetic", "fp16", score=score)
+    assert measured["outputs"]["features"]["max_rel"] < 1e-6
+    assert measured["outputs"]["global"]["max_rel"] == pytest.approx(0.3, rel=1e-3)
+    assert measured["features"]["output"] == "global"
+    with pytest.raises(pe_trt.EngineBuildError, match="the engine gives no output 'global'"):
+        pe_trt.output_errors(pe_trt.TensorRTFeatures(result.engine, io).run(np.stack(images[:1])),
+                             {"features": out["features"][:1]})
+
+
+def test_two_output_bundle_through_engine_build_and_the_runtime(fake: types.ModuleType, tiny_bundle: Path,
+                                                                tmp_path: Path) -> None:
+    """`engine build` and the runtime on a bundle whose network has two outputs, TensorRT played by the double
+    (its engine computes every output with ONNX Runtime: this follows the data, not real TensorRT numerics)."""
+    import cv2
+    from click.testing import CliRunner
+
+    from patchcore_edge.bundle import BundleError, manifest_bytes, read_manifest
+    from patchcore_edge.cli import main as cli
+    from patchcore_edge.cli.devices import engine_group
+    from patchcore_edge.preprocess import preprocess
+    from patchcore_edge.runtime.detector import Detector
+
+    bundle = with_global_output(tiny_bundle, tmp_path / "bundle")
+    runner = CliRunner()
+    built = runner.invoke(engine_group, ["build", str(bundle), "--max-batch", "2"])
+    assert built.exit_code == 0, built.output
+    assert "on all 2 outputs" in built.output
+    (entry,) = read_manifest(bundle)["engines"]
+    check = entry["verification"]
+    assert sorted(check["outputs"]) == ["features", "global"]
+    assert all(errors["max_rel"] < 1e-5 for errors in check["outputs"].values())
+    engine_io = json.loads((bundle / entry["file"]).read_bytes())["io"]
+    assert [name for name, mode, _ in engine_io if mode == "OUTPUT"] == ["features", "global"]
+
+    image = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    with Detector.load(bundle, backend="auto") as with_engine, \
+            Detector.load(bundle, backend="onnxruntime") as reference:
+        backend = with_engine.backend
+        assert isinstance(backend, pe_trt.TensorRTFeatures)
+        assert (backend.engine_file, backend.precision) == (entry["file"], "fp16")
+        batch = preprocess(image, with_engine.spec)[None]
+        got, want = backend.run(batch), reference.backend.run(batch)
+        assert list(got) == list(want) == ["features", "global"]
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+        assert with_engine.predict(image, maps=False).score == pytest.approx(
+            reference.predict(image, maps=False).score, rel=1e-5)
+        assert with_engine.scored_with["engine_file"] == entry["file"]
+
+    before = (bundle / "manifest.json").read_bytes()
+    fake._state.output_scale = {"global": 1.3}  # the grid is right, the pooled output is not: refused, named
+    refused = runner.invoke(engine_group, ["build", str(bundle)])
+    assert refused.exit_code == 2 and "(relative, output 'global')" in refused.output
+    assert "not registered" in refused.output and (bundle / "manifest.json").read_bytes() == before
+    fake._state.output_scale = {}
+
+    # A manifest whose shape of "global" disagrees with the engine: a BundleError naming the engine and output.
+    manifest = json.loads(before)
+    dim = manifest["features"]["dim"]
+    manifest["features"]["output_shapes"]["global"] = [dim + 1]
+    (bundle / "manifest.json").write_bytes(manifest_bytes(manifest))
+    wrong = (rf"{re.escape(entry['file'])}: output 'global' has shape \[-1, {dim}\], the manifest says "
+             rf"\[batch, {dim + 1}\]")
+    with pytest.raises(BundleError, match=wrong):
+        Detector.load(bundle, backend="tensorrt")
+    cv2.imwrite(str(tmp_path / "part.png"), image)
+    ran = runner.invoke(cli, ["run", str(bundle), str(tmp_path / "part.png"), "--backend", "tensorrt"])
+    assert ran.exit_code == 2 and "Traceback" not in ran.output and re.search(wrong, ran.output)
+
+
+def test_devices_fit_counts_every_output(tiny_bundle: Path, tmp_path: Path) -> None:
+    from patchcore_edge.bundle import Bundle
+    from patchcore_edge.devices import memory
+    from patchcore_edge.devices.profiles import get_profile
+
+    pytest.importorskip("onnx")
+    one = Bundle.load(tiny_bundle)
+    two = Bundle.load(with_global_output(tiny_bundle, tmp_path / "two"))
+    profile, batch, dim = get_profile("jetson-orin-nx"), 2, one.features.dim
+    for backend, host_copies in (("tensorrt", 1), ("onnxruntime", 0)):
+        single = memory.estimate_memory(one, profile, variant="8GB", batch=batch, backend=backend)
+        double = memory.estimate_memory(two, profile, variant="8GB", batch=batch, backend=backend)
+        extra = double["components"]["activations"] - single["components"]["activations"]
+        # The liveness peak keeps every output alive to the end (here the peak lies earlier, in the backbone, so
+        # it need not grow); TensorRT adds a host copy of each output.
+        assert extra >= host_copies * batch * dim * 4
+    unrecorded = Bundle.load(with_global_output(tiny_bundle, tmp_path / "old", record_shapes=False))
+    notes = memory.estimate_memory(unrecorded, profile, variant="8GB", backend="tensorrt")["assumptions"]
+    assert any("output(s) global have no recorded shape" in note for note in notes)
 
 
 # ----------------------------------------------------------------------------------------------- layering

@@ -16,6 +16,8 @@ import pytest
 
 from patchcore_edge import trt
 
+from conftest import two_output_onnx, with_global_output
+
 AVAILABLE, REASON = trt.tensorrt_status()
 pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(not AVAILABLE, reason=REASON)]
 
@@ -51,8 +53,8 @@ def test_engine_features_match_onnxruntime(model: Dict[str, Any], precision: str
     batch = _inputs(model["manifest"], 5)
     with trt.TensorRTFeatures(result.engine, model["io"]) as backend:
         assert backend.max_batch == 3
-        got = backend.features(batch)  # 3 + 2: both optimisation profiles
-        single = backend.features(batch[:1])  # profile 0
+        got = backend.run(batch)["features"]  # 3 + 2: both optimisation profiles
+        single = backend.run(batch[:1])["features"]  # profile 0
     errors = trt.feature_errors(_onnx(model, batch), got)
     assert errors["max_rel"] <= trt.FEATURE_TOLERANCE[precision]
     np.testing.assert_allclose(single[0], got[0], rtol=0, atol=trt.FEATURE_TOLERANCE[precision] * np.abs(got).max())
@@ -78,7 +80,7 @@ def test_int8_calibration_writes_a_cache_that_rebuilds(model: Dict[str, Any]) ->
     assert again.int8_cache == result.int8_cache
     batch = _inputs(model["manifest"], 2, seed=2)
     with trt.TensorRTFeatures(again.engine, model["io"]) as backend:
-        errors = trt.feature_errors(_onnx(model, batch), backend.features(batch))
+        errors = trt.feature_errors(_onnx(model, batch), backend.run(batch)["features"])
     assert errors["max_rel"] <= trt.FEATURE_TOLERANCE["int8"]
 
 
@@ -108,3 +110,33 @@ def test_engine_build_command_registers_and_auto_backend_uses_it(model: Dict[str
     reference = Detector.load(bundle, backend="onnxruntime").predict(image, maps=False).score
     assert detector.predict(image, maps=False).score == pytest.approx(reference, rel=0.02)
     detector.backend.close()
+
+
+def test_two_output_engine_matches_onnxruntime_on_every_output(tmp_path: Path) -> None:
+    path = two_output_onnx(tmp_path / "two.onnx")
+    io = trt.onnx_io(path)
+    result = trt.build_engine(path, precision="fp32", max_batch=2, workspace_mb=256, output_names=io.output_names)
+    images = list(np.random.default_rng(6).standard_normal((3, 3, 8, 8)).astype(np.float32))
+    with trt.TensorRTFeatures(result.engine, io, precision="fp32") as backend:
+        out = backend.run(np.stack(images))  # 2 + 1: both optimisation profiles
+        assert list(out) == ["features", "global"] and out["global"].shape == (3, 3)
+        record = trt.verify_engine(backend, path, io, images, "random", "fp32")
+    assert sorted(record["outputs"]) == ["features", "global"]
+    assert record["features"]["max_rel"] <= trt.FEATURE_TOLERANCE["fp32"]
+
+
+def test_engine_build_of_a_two_output_bundle(model: Dict[str, Any], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from patchcore_edge.bundle import read_manifest
+    from patchcore_edge.cli.devices import engine_group
+    from patchcore_edge.runtime.detector import Detector
+
+    bundle = with_global_output(model["bundle"], tmp_path / "bundle")
+    result = CliRunner().invoke(engine_group, ["build", str(bundle), "--precision", "fp16", "--workspace", "256"])
+    assert result.exit_code == 0, result.output
+    (entry,) = read_manifest(bundle)["engines"]
+    assert sorted(entry["verification"]["outputs"]) == ["features", "global"]
+    with Detector.load(bundle, backend="tensorrt") as detector:
+        got = detector.backend.run(_inputs(model["manifest"], 2))
+    assert list(got) == ["features", "global"]

@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchcore_edge.export.methods.grid_onnx import check_grids_parity, export_grids, grid_session
+from patchcore_edge.export.onnx_export import check_onnx_parity, export_onnx
 from patchcore_edge.export.methods.patch_reference import reference_scores
 from patchcore_edge.export.methods.training import Schedule, TrainedOptions
 from patchcore_edge.imageio import read_rgb
 from patchcore_edge.methods.nearest_patch import NearestPatchScorer
 from patchcore_edge.preprocess import InputSpec, preprocess
+from patchcore_edge.runtime.backends import OnnxRuntimeFeatures
 from patchcore_edge.search import PatchSearch
 
 SPEC = InputSpec(resize=192, crop=192)
@@ -34,11 +35,11 @@ def runtime_matches_torch(method: Any, bottle: Path, tmp_path: Path, map_atol: f
     network, record = method.train_network(train, options)
     assert record.steps_done == 2 and np.isfinite(record.final_losses["total"])
     names = [s.output for s in method.scales]
-    onnx_path = export_grids(network, tmp_path / "grids.onnx", names, SPEC.crop, SPEC.crop)
-    assert check_grids_parity(network, onnx_path, names, test) < 1e-4
-    run = grid_session(onnx_path)
+    onnx_path = export_onnx(network, tmp_path / "grids.onnx", SPEC, output_names=names)
+    assert check_onnx_parity(network, onnx_path, test, output_names=names).max_rel < 1e-4
+    run = OnnxRuntimeFeatures(onnx_path, "image", names, threads=1).run
     outputs = run(train)
-    arrays, files, params, summary = method.fit(outputs, options)
+    arrays, files, params, summary, _ = method.fit_arrays(outputs, options)
     assert params["combine"] == method.combine and [s["output"] for s in params["scales"]] == names
     banks = [arrays[f"bank_{name}"] for name in names]
     for scale, bank in zip(method.scales, banks):

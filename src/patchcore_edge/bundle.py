@@ -16,15 +16,14 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .preprocess import InputSpec
+from .preprocess import InputSpec
 
 FORMAT_NAME = "patchcore-edge-bundle"
 FORMAT_VERSION = 2
@@ -208,8 +207,6 @@ def _validate_common(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
         values = spec.get(key)
         _require(isinstance(values, list) and len(values) == 3 and all(_finite(v) and abs(v) <= 1e6 for v in values),
                  bundle_dir, f"input.{key} must be three finite numbers, got {values!r}")
-    from .preprocess import InputSpec  # local: keeps bundle.py importable on its own
-
     try:
         InputSpec.from_manifest(spec)
     except (KeyError, TypeError, ValueError) as error:
@@ -320,6 +317,23 @@ def _validate_method(manifest: Mapping[str, Any], bundle_dir: Path) -> None:
     outputs = manifest["features"].get("outputs")
     _require(isinstance(outputs, list) and len(outputs) >= 1 and all(isinstance(o, str) for o in outputs),
              bundle_dir, "features.outputs must list the network's output names")
+    # Each output's shape after the batch (written since several outputs exist; optional, so older bundles load):
+    # what a TensorRT engine's buffers and the ONNX model are checked against.
+    shapes = manifest["features"].get("output_shapes")
+    if shapes is not None:
+        _require(isinstance(shapes, dict) and all(name in outputs for name in shapes)
+                 and all(isinstance(s, list) and 1 <= len(s) <= 8
+                         and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_COUNT for n in s)
+                         for s in shapes.values()), bundle_dir,
+                 "features.output_shapes must map output names to their shapes after the batch (positive "
+                 f"integers), got {shapes!r}")
+        # features.grid and dim are the first output's, except where they are a map's cells (the trained patch
+        # methods, whose embedding grids each have their own shape).
+        if manifest["features"].get("grid_is") != "map cells":
+            grid, dim = manifest["features"]["grid"], manifest["features"]["dim"]
+            first = shapes.get(outputs[0], [*grid, dim])
+            _require(first == [*grid, dim], bundle_dir,
+                     f"features.output_shapes[{outputs[0]!r}] is {first}, but grid and dim say {[*grid, dim]}")
 
 
 def validate_manifest(manifest: Any, bundle_dir: Path) -> Dict[str, Any]:
@@ -609,11 +623,24 @@ class FeaturesInfo:
     dim: int
     grid: Tuple[int, int]
     stride: int
+    # Shape after the batch of each output (bundles older than output_shapes: the first one's, [grid, dim]).
+    output_shapes: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
+
+    def output_shape(self, name: str) -> Tuple[int, ...]:
+        """An output's shape after the batch."""
+        return tuple(self.output_shapes[name])
 
     @property
     def output_name(self) -> str:
         """The first (for PatchCore: the only) output, the patch-feature grid [B, h, w, dim]."""
         return self.outputs[0]
+
+
+def _output_shapes(features: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    first = (int(features["grid"][0]), int(features["grid"][1]), int(features["dim"]))
+    recorded = features.get("output_shapes") or {}
+    return {str(features["outputs"][0]): first,
+            **{str(name): tuple(int(n) for n in shape) for name, shape in recorded.items()}}
 
 
 @dataclass(frozen=True)
@@ -649,7 +676,8 @@ class Bundle:
         self.features = FeaturesInfo(
             onnx_file=str(features["onnx_file"]), input_name=str(features["input_name"]),
             outputs=tuple(str(o) for o in features["outputs"]), dim=int(features["dim"]),
-            grid=(int(features["grid"][0]), int(features["grid"][1])), stride=int(features["stride"]))
+            grid=(int(features["grid"][0]), int(features["grid"][1])), stride=int(features["stride"]),
+            output_shapes=MappingProxyType(_output_shapes(features)))
         method = manifest["method"]
         self.method = MethodInfo(
             name=str(method["name"]), params=MappingProxyType(json.loads(json.dumps(method.get("params", {})))),
@@ -664,8 +692,6 @@ class Bundle:
               arrays: Mapping[str, Tuple[str, Sequence[int]]], params: Mapping[str, Any],
               method: str = "patchcore") -> "Bundle":
         """A bundle that exists only as numbers, for estimates before an export (size caps): no files."""
-        from .preprocess import InputSpec
-
         manifest = {
             "input": InputSpec(resize=crop, crop=crop).to_manifest(), "score": {"gaussian_sigma": 0.0},
             "features": {"dim": int(dim), "grid": [int(grid[0]), int(grid[1])], "stride": 1,
@@ -737,9 +763,7 @@ class Bundle:
         return str(self._manifest["toolkit_version"])
 
     @property
-    def input_spec(self) -> "InputSpec":
-        from .preprocess import InputSpec
-
+    def input_spec(self) -> InputSpec:
         return InputSpec.from_manifest(self._manifest["input"])
 
     @property

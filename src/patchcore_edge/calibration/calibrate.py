@@ -349,15 +349,26 @@ def _require_enough(nominal: List[ScoredImage], scored: ScoredFolder, alpha: flo
         "of good parts to the folder and run calibrate again")
 
 
-def calibrate(detector: Any, bundle: Bundle, nominal_dir: Path,
-              defects_dir: Optional[Path] = None, masks_dir: Optional[Path] = None, false_alarm_rate: float = 0.01,
-              confidence: float = 0.95, optimise: Optional[str] = None, min_defect_area: Optional[int] = None,
-              batch_size: int = 4, progress: Progress = _no_progress) -> CalibrationOutcome:
-    """Score the folders and compute a Calibration (the bundle is not changed; see `write_calibration`)."""
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What `calibrate BUNDLE NOMINAL_DIR` is asked for (the command builds it from its options)."""
+
+    nominal_dir: Path
+    defects_dir: Optional[Path] = None
+    masks_dir: Optional[Path] = None
+    false_alarm_rate: float = 0.01
+    confidence: float = 0.95
+    optimise: Optional[str] = None  # None, "f1" or "recall"
+    min_defect_area: Optional[int] = None  # image pixels; None: default_min_defect_area
+    batch_size: int = 4
+
+
+def _check_options(options: CalibrationOptions) -> None:
     try:
-        stats._check_rates(false_alarm_rate, confidence)
+        stats._check_rates(options.false_alarm_rate, options.confidence)
     except ValueError as error:
         raise CalibrationError(str(error)) from None
+    optimise, defects_dir, masks_dir = options.optimise, options.defects_dir, options.masks_dir
     if optimise not in (None, "f1", "recall"):
         raise CalibrationError(f"--optimise must be f1 or recall, got {optimise!r}")
     if optimise is not None and defects_dir is None:
@@ -366,13 +377,23 @@ def calibrate(detector: Any, bundle: Bundle, nominal_dir: Path,
         raise CalibrationError("--masks needs --defects: masks belong to defect images")
     if masks_dir is not None and not Path(masks_dir).is_dir():
         raise CalibrationError(f"{masks_dir}: not a folder of defect masks")
-    if min_defect_area is not None and min_defect_area < 0:
-        raise CalibrationError(f"--min-defect-area must be >= 0 pixels, got {min_defect_area}")
-    nominal_dir = Path(nominal_dir)
-    if not nominal_dir.is_dir():
-        raise CalibrationError(f"{nominal_dir}: not a folder; give the folder of good-part images (NOMINAL_DIR)")
+    if options.min_defect_area is not None and options.min_defect_area < 0:
+        raise CalibrationError(f"--min-defect-area must be >= 0 pixels, got {options.min_defect_area}")
+    if not Path(options.nominal_dir).is_dir():
+        raise CalibrationError(f"{options.nominal_dir}: not a folder; give the folder of good-part images "
+                               "(NOMINAL_DIR)")
     if defects_dir is not None and not Path(defects_dir).is_dir():
         raise CalibrationError(f"{defects_dir}: not a folder of defect images")
+
+
+def calibrate(detector: Any, bundle: Bundle, options: CalibrationOptions,
+              progress: Progress = _no_progress) -> CalibrationOutcome:
+    """Score the folders and compute a Calibration (the bundle is not changed; see `write_calibration`)."""
+    _check_options(options)
+    nominal_dir = Path(options.nominal_dir)
+    defects_dir, masks_dir = options.defects_dir, options.masks_dir
+    false_alarm_rate, confidence = options.false_alarm_rate, options.confidence
+    batch_size = options.batch_size
 
     findings: List[Finding] = []
     training = training_hashes(bundle)
@@ -419,11 +440,11 @@ def calibrate(detector: Any, bundle: Bundle, nominal_dir: Path,
 
     nominal_scores = np.array([i.score for i in nominal])
     defect_scores = np.array([i.score for i in defects])
-    image = _image_calibration(nominal_scores, defect_scores, false_alarm_rate, confidence, optimise, findings,
-                               split_keys=[i.sha256 for i in nominal])
+    image = _image_calibration(nominal_scores, defect_scores, false_alarm_rate, confidence, options.optimise,
+                               findings, split_keys=[i.sha256 for i in nominal])
     short_side = int(np.median(scored.short_sides)) if scored.short_sides else 0
-    pixel, pixel_nominal = _pixel_calibration(nominal, defects_scored, bundle, short_side, min_defect_area, image,
-                                              findings)
+    pixel, pixel_nominal = _pixel_calibration(nominal, defects_scored, bundle, short_side, options.min_defect_area,
+                                              image, findings)
     _guard_rails(nominal, defects, image, bundle, previous, findings)
 
     calibration = Calibration(
@@ -684,6 +705,7 @@ __all__ = [
     "MIN_NOMINAL_IMAGES",
     "BundleError",
     "CalibrationError",
+    "CalibrationOptions",
     "CalibrationOutcome",
     "CheckOutcome",
     "Finding",

@@ -15,14 +15,17 @@ from typing import Any, Optional
 
 import click
 
+from ..bundle import Bundle, BundleError, bundle_lock
+from ..calibration import calibrate as flow
+from ..calibration import report
+from ..calibration.report import findings_text
+from ..decision import CalibrationError
 from ..progress import StageBars
 
 CHECK_FAILED_EXIT = 3
 
 
 def _echo_findings(findings: Any) -> None:
-    from ..calibration.report import findings_text
-
     for line in findings_text(findings):
         click.echo(line.strip() if not line.startswith("      ") else line, err=True)
 
@@ -77,11 +80,6 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
     whatever the score distribution (that needs 299 good images for 1 % at 95 %; with fewer, the highest good
     score is used and the rate it does guarantee is reported).
     """
-    from ..bundle import Bundle, BundleError, bundle_lock
-    from ..decision import CalibrationError
-    from ..calibration import calibrate as flow
-    from ..calibration import report
-
     modes = sum([rollback, check_dir is not None, nominal_dir is not None])
     if modes == 0:
         hint = " (--defects alone is not enough: thresholds are set from good parts)" if defects_dir else ""
@@ -114,9 +112,11 @@ def calibrate_command(bundle: Path, nominal_dir: Optional[Path], defects_dir: Op
                     click.get_current_context().exit(CHECK_FAILED_EXIT)
                 return
             assert nominal_dir is not None
-            result = flow.calibrate(detector, loaded, nominal_dir, defects_dir, masks_dir,
-                                    false_alarm_rate=false_alarm_rate, confidence=confidence, optimise=optimise,
-                                    min_defect_area=min_defect_area, batch_size=batch_size, progress=progress)
+            options = flow.CalibrationOptions(
+                nominal_dir=nominal_dir, defects_dir=defects_dir, masks_dir=masks_dir,
+                false_alarm_rate=false_alarm_rate, confidence=confidence, optimise=optimise,
+                min_defect_area=min_defect_area, batch_size=batch_size)
+            result = flow.calibrate(detector, loaded, options, progress=progress)
         finally:
             progress.close()
             close = getattr(detector, "close", None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import NoReturn, Optional, Tuple
 
 import click
 
@@ -130,12 +130,18 @@ def _read_bundle(bundle_dir: Path, verify_files: bool) -> Bundle:
               help="Feature backend (default: the profile's).")
 @click.option("--memory-mb", type=click.IntRange(1), default=None,
               help="Memory of the machine, for profiles without a fixed size (workstation, cpu-only).")
+@click.option("--image-size", type=(click.IntRange(16, 65536), click.IntRange(16, 65536)), default=None,
+              metavar="W H", help="Camera frame size; needed for a tiled bundle (its tiles are one batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when the bundle does not fit.")
 def fit_command(bundle: Path, device_name: Optional[str], variant: Optional[str], batch: Optional[int],
-                backend: Optional[str], memory_mb: Optional[int], as_json: bool, strict: bool) -> None:
+                backend: Optional[str], memory_mb: Optional[int], image_size: Optional[Tuple[int, int]],
+                as_json: bool, strict: bool) -> None:
     """Estimate the memory BUNDLE needs on a board and whether it fits the board's share."""
     loaded = _read_bundle(bundle, verify_files=False)
+    if loaded.input_spec.tile is not None and image_size is None:  # issue 18: tiles per frame set the batch
+        _fail(f"{bundle}: a tiled bundle ({loaded.input_spec.tile} px tiles): pass --image-size W H (the camera "
+              "frame) so that the estimate counts its tiles")
     memory_total = memory_mb
     try:
         if device_name is None:
@@ -146,7 +152,7 @@ def fit_command(bundle: Path, device_name: Optional[str], variant: Optional[str]
         else:
             profile = get_profile(device_name)
         estimate = estimate_memory(loaded, profile, variant=variant, batch=batch, backend=backend,
-                                   memory_total_mb=memory_total)
+                                   memory_total_mb=memory_total, image_size=image_size)
     except ProfileError as error:
         _fail(str(error))
     if as_json:

@@ -1,4 +1,5 @@
-"""`patchcore-edge eval BUNDLE DATASET_DIR`: a bundle's metrics on a labelled test set, JSON + Markdown."""
+"""`patchcore-edge eval BUNDLE... DATASET_DIR`: bundles' metrics on a labelled test set, JSON + Markdown (one
+bundle: per defect type; several: a comparison table, a row per bundle)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,25 @@ import json
 import os
 import re
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 import cv2
 import numpy as np
 
-from ..bundle import BundleError
+from ..bundle import MANIFEST, BundleError
 from ..imageio import ImageReadError, read_rgb
 from ..runtime.backends import BACKEND_CHOICES
+from ..runtime.detector import Detector
 from ..evaluation.dataset import DatasetError, EvalDataset, Sample, check_masks, discover_mvtec, discover_plain, load_mask
+from ..evaluation.compare import comparison, comparison_markdown, failed_row, report_row
 from ..evaluation.evaluate import evaluate, report_markdown
 
 
 def load_detector(bundle: Path, backend: str, ef: Optional[int], exact_search: bool,
                   threads: Optional[int]) -> Any:
-    from ..runtime.detector import Detector
-
     return Detector.load(bundle, backend=backend, ef=ef, exact_search=exact_search, threads=threads)
 
 
@@ -109,9 +111,50 @@ def write_overlays(detector: Any, dataset: EvalDataset, report: Dict[str, Any], 
 # ---------------------------------------------------------------------------------------------- command
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """The scoring choices every bundle of one `eval` shares (recorded in the report as `settings`)."""
+
+    backend: str = "auto"
+    ef: Optional[int] = None
+    exact_search: bool = False
+    threads: Optional[int] = None
+    batch_size: int = 1
+    pixel_size: Optional[int] = None
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def _split_paths(paths: Sequence[Path], plain: bool) -> Tuple[List[Path], Optional[Path]]:
+    """(bundles, DATASET_DIR): BUNDLE [DATASET_DIR], BUNDLE... DATASET_DIR, or BUNDLE... with --good/--bad.
+
+    With several paths the last one is the test set, unless --good/--bad are given and it is a bundle too; a
+    bundle is a folder with a manifest.json, which tells a misplaced bundle or test set apart.
+    """
+    if len(paths) == 1:
+        return [paths[0]], None
+    if plain and _is_bundle(paths[-1]):
+        bundles, dataset_dir = list(paths), None
+    elif _is_bundle(paths[-1]):
+        raise click.UsageError(f"{paths[-1]}: this is a bundle (it has {MANIFEST}), but with several paths "
+                               "the last one is the test set: give BUNDLE... DATASET_DIR, or --good DIR "
+                               "--bad DIR")
+    else:
+        bundles, dataset_dir = list(paths[:-1]), paths[-1]
+    if len(bundles) > 1:  # one bundle keeps its original form: its loader names what is wrong with it
+        for path in bundles:
+            if not _is_bundle(path):
+                problem = "not found" if not path.exists() else f"not a bundle (no {MANIFEST})"
+                raise click.UsageError(f"{path}: {problem}; give the bundles first and the test set "
+                                       "(DATASET_DIR) last")
+    return bundles, dataset_dir
+
+
 @click.command("eval")
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("dataset_dir", required=False, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path),
+                metavar="BUNDLE... [DATASET_DIR]")
 @click.option("--good", type=click.Path(path_type=Path),
               help="Folder of defect-free test images (plain layout).")
 @click.option("--bad", type=click.Path(path_type=Path),
@@ -127,22 +170,29 @@ def write_overlays(detector: Any, dataset: EvalDataset, report: Dict[str, Any], 
               help="Compute pixel metrics on maps and masks shrunk to this longer side "
                    "(default: native resolution).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the JSON report here.")
+              help="Write the JSON report here (several bundles: every row).")
 @click.option("--save-maps", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write heat-map overlays of the highest-scored good and lowest-scored anomalous "
-                   "images here.")
+                   "images here (one bundle only).")
 @click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many images of each kind --save-maps writes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_command(bundle: Path, dataset_dir: Optional[Path], good: Optional[Path], bad: Optional[Path],
-                 backend: str, ef: Optional[int], exact_search: bool, threads: Optional[int], batch_size: int,
+def eval_command(paths: Tuple[Path, ...], good: Optional[Path], bad: Optional[Path], backend: str,
+                 ef: Optional[int], exact_search: bool, threads: Optional[int], batch_size: int,
                  pixel_size: Optional[int], report_path: Optional[Path], save_maps: Optional[Path], top: int,
                  quiet: bool) -> None:
     """Image AUROC, pixel AUROC, AUPRO@0.3 and best F1 of BUNDLE on a labelled test set, per defect too.
 
     DATASET_DIR is one MVTec AD category (test/good, test/<defect>, ground_truth/<defect>/<name>_mask.png);
     or give --good DIR --bad DIR (image metrics only). Prints a Markdown table; --report writes the full JSON.
+
+    Several bundles (BUNDLE... DATASET_DIR: the last path is the test set) print one comparison table, a row
+    per bundle: method, backbone, fit, image and pixel AUROC, AUPRO, median ms/image, size on disk, inspected
+    fraction; a bundle that cannot be evaluated gets a row saying why (exit status 1).
     """
+    bundles, dataset_dir = _split_paths(paths, good is not None or bad is not None)
+    if len(bundles) > 1 and save_maps is not None:
+        raise click.UsageError("--save-maps writes the overlays of one bundle: give one bundle")
     try:
         dataset = _dataset(dataset_dir, good, bad)
     except DatasetError as error:
@@ -153,22 +203,32 @@ def eval_command(bundle: Path, dataset_dir: Optional[Path], good: Optional[Path]
     if problems:
         listed = "\n".join(f"  {p}" for p in problems)
         raise click.ClickException(f"ground-truth masks that cannot be used:\n{listed}")
+    settings = EvalSettings(backend, ef, exact_search, threads, batch_size, pixel_size)
+    if len(bundles) == 1:
+        _evaluate_one(bundles[0], dataset, settings, report_path, save_maps, top, quiet)
+    else:
+        _compare(bundles, dataset, settings, report_path, quiet)
+
+
+def _load(bundle: Path, settings: EvalSettings) -> Any:
+    return load_detector(bundle, settings.backend, settings.ef, settings.exact_search, settings.threads)
+
+
+def _evaluate_one(bundle: Path, dataset: EvalDataset, settings: EvalSettings, report_path: Optional[Path],
+                  save_maps: Optional[Path], top: int, quiet: bool) -> None:
     try:
-        detector = load_detector(bundle, backend, ef, exact_search, threads)
+        detector = _load(bundle, settings)
     except (BundleError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     try:
-        report = _run(detector, dataset, pixel_size, batch_size, quiet)
-        report["settings"] = {"bundle": str(bundle), "backend": backend, "ef": ef,
-                              "exact_search": exact_search, "threads": threads, "batch_size": batch_size,
-                              "pixel_size": pixel_size}
+        report = _run(detector, dataset, settings, quiet)
+        report["settings"] = {"bundle": str(bundle), **asdict(settings)}
         if save_maps is not None:
             report["overlays"] = write_overlays(detector, dataset, report, save_maps, top)
     except (DatasetError, ImageReadError, BundleError) as error:
         raise click.ClickException(str(error)) from None
     finally:
-        if callable(getattr(detector, "close", None)):
-            detector.close()
+        _close(detector)
     for skipped in report["skipped"]:
         click.echo(f"warning: skipped {skipped['file']}: {skipped['reason']}", err=True)
     if report_path is not None:
@@ -177,12 +237,51 @@ def eval_command(bundle: Path, dataset_dir: Optional[Path], good: Optional[Path]
     click.echo(report_markdown(report), nl=False)
 
 
-def _run(detector: Any, dataset: EvalDataset, pixel_size: Optional[int], batch_size: int,
-         quiet: bool) -> Dict[str, Any]:
+def _compare(bundles: Sequence[Path], dataset: EvalDataset, settings: EvalSettings,
+             report_path: Optional[Path], quiet: bool) -> None:
+    rows = []
+    skipped: Dict[str, str] = {}
+    for bundle in bundles:
+        try:
+            detector = _load(bundle, settings)
+        except (BundleError, ValueError) as error:
+            rows.append(failed_row(bundle, str(error)))
+            continue
+        try:
+            report = _run(detector, dataset, settings, quiet, label=f"scoring {bundle}")
+            rows.append(report_row(bundle, report))
+            skipped.update((s["file"], s["reason"]) for s in report["skipped"])
+        except DatasetError as error:  # the test set itself is wrong: no bundle's numbers would mean anything
+            raise click.ClickException(str(error)) from None
+        except (ImageReadError, BundleError, ValueError) as error:
+            rows.append(failed_row(bundle, str(error)))
+        finally:
+            _close(detector)
+    for name, reason in skipped.items():
+        click.echo(f"warning: skipped {name}: {reason}", err=True)
+    report = comparison(dataset, rows, {"bundles": [str(b) for b in bundles], **asdict(settings)})
+    if report_path is not None:
+        _write_json(report_path, report)
+        click.echo(f"report written to {report_path}", err=True)
+    click.echo(comparison_markdown(report), nl=False)
+    failed = [row for row in rows if row["error"] is not None]
+    if failed:
+        click.echo(f"error: {len(failed)} of {len(rows)} bundles could not be evaluated (see their rows)",
+                   err=True)
+        click.get_current_context().exit(1)
+
+
+def _close(detector: Any) -> None:
+    if callable(getattr(detector, "close", None)):
+        detector.close()
+
+
+def _run(detector: Any, dataset: EvalDataset, settings: EvalSettings, quiet: bool,
+         label: str = "scoring") -> Dict[str, Any]:
     if quiet:
-        return evaluate(detector, dataset, pixel_size=pixel_size, batch_size=batch_size)
+        return evaluate(detector, dataset, pixel_size=settings.pixel_size, batch_size=settings.batch_size)
     total = len(dataset.samples)
-    with click.progressbar(length=total, label="scoring", file=sys.stderr, show_pos=True,
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True,
                            show_eta=True) as bar:
         state = {"done": 0}
 
@@ -190,7 +289,8 @@ def _run(detector: Any, dataset: EvalDataset, pixel_size: Optional[int], batch_s
             bar.update(done - state["done"])
             state["done"] = done
 
-        return evaluate(detector, dataset, pixel_size=pixel_size, progress=progress, batch_size=batch_size)
+        return evaluate(detector, dataset, pixel_size=settings.pixel_size, progress=progress,
+                        batch_size=settings.batch_size)
 
 
 def _write_json(path: Path, report: Dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Dict, Optional, Tuple
 
 import click
 
+from ..bundle import BundleError
 from ..methods import method_names
 from ..preprocess import FITS
 from ..progress import StageBars
@@ -84,7 +85,7 @@ def export_command(nominal_dir: Path, output: Path, method: str, method_params: 
         import torch  # noqa: F401
     except ImportError:
         raise click.ClickException("export needs torch: pip install 'patchcore-edge[export]'") from None
-    from ..bundle import BundleError
+    # Only now: the exporter imports torch, which the runtime commands must not need.
     from ..export.pipeline import ExportError, ExportOptions, export_bundle
 
     options = ExportOptions(nominal_dir=nominal_dir, output=output, method=method, method_params=method_params,
@@ -109,14 +110,21 @@ def export_command(nominal_dir: Path, output: Path, method: str, method_params: 
     rows: Dict[str, str] = {
         "bundle": str(summary.bundle),
         "images": f"{summary.images} used, {len(summary.skipped)} skipped",
-        "patches": f"{summary.patches:,} x {summary.feature_dim} dims",
-        "coreset": f"{summary.coreset_size:,} vectors ({summary.bank_mb:.1f} MB)",
-        "coverage radius": "n/a" if summary.coverage_radius is None else f"{summary.coverage_radius:.4f}",
-        "selection": summary.coreset_note,
+    }
+    if summary.method_lines:  # a method that states its own rows (SPADE, PaDiM)
+        rows.update({"method": summary.method, **summary.method_lines})
+    else:
+        rows.update({
+            "patches": f"{summary.patches:,} x {summary.feature_dim} dims",
+            "coreset": f"{summary.coreset_size:,} vectors ({summary.bank_mb:.1f} MB)",
+            "coverage radius": "n/a" if summary.coverage_radius is None else f"{summary.coverage_radius:.4f}",
+            "selection": summary.coreset_note,
+        })
+    rows.update({
         "onnx parity": f"max |onnx - torch| = {summary.onnx_max_abs_diff:.2e}",
         "engine": summary.engine_note,
         "time": ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()),
-    }
+    })
     width = max(len(k) for k in rows)
     for key, value in rows.items():
         click.echo(f"{key:<{width}}  {value}")

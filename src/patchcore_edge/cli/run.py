@@ -37,6 +37,7 @@ import numpy as np
 from patchcore_edge.bundle import BundleError
 from patchcore_edge.fleet.cli import publish_options
 from patchcore_edge.imageio import ImageReadError
+from patchcore_edge.runtime.detector import Detector
 from patchcore_edge.runtime.outputs import (JsonLinesWriter, MapWriter, OutputError, RunStats,
                                             atomic_write_bytes, error_record, format_summary, MapScale,
                                             result_record)
@@ -179,13 +180,33 @@ def _quiet_opencv() -> None:
         pass
 
 
-def _load_detector(bundle: Path, backend: str, ef: Optional[int], exact_search: bool,
-                   threads: Optional[int]) -> Any:
-    # Imported here so that `patchcore-edge --help` and the other commands do not pay for the runtime's
-    # imports.
-    from patchcore_edge.runtime.detector import Detector
+@dataclass(frozen=True)
+class RunOptions:
+    """What `run BUNDLE INPUT...` is asked for (the command builds it from its options)."""
 
-    return Detector.load(bundle, backend=backend, ef=ef, exact_search=exact_search, threads=threads)
+    bundle: Path
+    inputs: Sequence[str]
+    outdir: Optional[Path] = None
+    backend: str = "auto"
+    batch_size: int = 1
+    maps: bool = True
+    overlays: bool = False
+    threads: Optional[int] = None
+    ef: Optional[int] = None
+    exact_search: bool = False
+    max_frames: Optional[int] = None
+    jsonl: Optional[Path] = None
+    recursive: bool = True
+    map_range: Optional[Tuple[float, float]] = None
+    reconnect_retries: int = 10
+    reconnect_delay: float = 0.5
+    read_ahead: int = DEFAULT_READ_AHEAD
+    writer_threads: int = DEFAULT_WRITER_THREADS
+
+
+def _load_detector(options: RunOptions) -> Any:
+    return Detector.load(options.bundle, backend=options.backend, ef=options.ef,
+                         exact_search=options.exact_search, threads=options.threads)
 
 
 def _silence_stdout() -> None:
@@ -334,12 +355,15 @@ def run_command(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], bac
     width=1280,height=720 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! appsink drop=1
     max-buffers=2") and rtsp:// or http:// streams.
     """
+    options = RunOptions(bundle=bundle, inputs=tuple(inputs), outdir=outdir, backend=backend,
+                         batch_size=batch_size, maps=maps, overlays=overlays, threads=threads, ef=ef,
+                         exact_search=exact_search, max_frames=max_frames, jsonl=jsonl, recursive=recursive,
+                         map_range=map_range, reconnect_retries=reconnect_retries,
+                         reconnect_delay=reconnect_delay, read_ahead=read_ahead, writer_threads=writer_threads)
     handler = _install_log_handler()
     restore = _stop_on_sigterm()
     try:
-        code = _run(bundle, inputs, outdir, backend, batch_size, maps, overlays, threads, ef, exact_search,
-                    max_frames, jsonl, recursive, map_range, reconnect_retries, reconnect_delay, read_ahead,
-                    writer_threads, handler, fleet)
+        code = _run(options, handler, fleet)
     finally:
         restore()
         log.removeHandler(handler)
@@ -358,12 +382,9 @@ def _stop_on_sigterm() -> Any:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: str, batch_size: int,
-         maps: bool, overlays: bool, threads: Optional[int], ef: Optional[int], exact_search: bool,
-         max_frames: Optional[int], jsonl: Optional[Path], recursive: bool,
-         map_range: Optional[Tuple[float, float]], reconnect_retries: int, reconnect_delay: float,
-         read_ahead_depth: int, writer_threads: int,
-         handler: _StatusAwareHandler, fleet: Any = None) -> int:
+def _run(options: RunOptions, handler: _StatusAwareHandler, fleet: Any) -> int:
+    bundle, inputs, outdir, jsonl = options.bundle, options.inputs, options.outdir, options.jsonl
+    maps, overlays, map_range, batch_size = options.maps, options.overlays, options.map_range, options.batch_size
     if map_range is not None and not (math.isfinite(map_range[0]) and math.isfinite(map_range[1])
                                       and map_range[1] > map_range[0]):
         raise CannotStart(f"--map-range needs finite LOW < HIGH, got {map_range[0]} {map_range[1]}")
@@ -375,8 +396,8 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
     if outdir is not None and not maps:
         log.info("--no-maps: nothing is written to %s", outdir)
     _quiet_opencv()
-    policy = ReconnectPolicy(max_retries=reconnect_retries, initial_delay=reconnect_delay)
-    plan = plan_inputs(inputs, recursive=recursive, max_frames=max_frames, policy=policy)
+    policy = ReconnectPolicy(max_retries=options.reconnect_retries, initial_delay=options.reconnect_delay)
+    plan = plan_inputs(inputs, recursive=options.recursive, max_frames=options.max_frames, policy=policy)
     for skipped in plan.skipped:
         log.info("skipped %s: %s", skipped.path, skipped.reason)
     if plan.total == 0:
@@ -387,7 +408,7 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
         raise CannotStart(problem)
 
     try:
-        detector = _load_detector(bundle, backend, ef, exact_search, threads)
+        detector = _load_detector(options)
     except ImportError as error:
         raise CannotStart(f"the runtime is not available: {error}") from None
     except Exception as error:  # noqa: BLE001 -- any load failure is reported in one line, not a traceback
@@ -397,13 +418,14 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
     if getattr(detector, "calibration_refused", None):
         log.warning("%s", detector.calibration_refused)
     writer = None
-    run_info: Dict[str, Any] = {"bundle": str(bundle), "backend": getattr(detector, "backend_name", backend),
+    run_info: Dict[str, Any] = {"bundle": str(bundle),
+                                "backend": getattr(detector, "backend_name", options.backend),
                                 "calibrated": calibration is not None,
                                 "inputs": [redact_url(argument) for argument in inputs]}
     if outdir is not None and maps:
         scale = (MapScale(float(map_range[0]), float(map_range[1]), "--map-range") if map_range is not None
                  else getattr(detector, "map_scale", None))
-        writer = MapWriter(outdir, scale, heatmaps=True, overlays=overlays, workers=writer_threads)
+        writer = MapWriter(outdir, scale, heatmaps=True, overlays=overlays, workers=options.writer_threads)
     log.info("reading %s; backend %s", describe(plan), run_info["backend"])
     spec = getattr(detector, "spec", None)
     if spec is not None:  # issue 18: say what the network inspects
@@ -423,7 +445,7 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
     fatal: Optional[str] = None
     records = _InOrder(sink, stats)
     publisher = fleet.open(detector)  # fleet/: never waits on the network; a no-op without --publish
-    frames = read_ahead(iter_frames(plan), read_ahead_depth)
+    frames = read_ahead(iter_frames(plan), options.read_ahead)
     scored = score_frames(detector, frames, batch_size=batch_size, maps=maps,
                           keep_images=overlays or publisher.wants_images)
     progress = None
@@ -518,5 +540,5 @@ def _run(bundle: Path, inputs: Sequence[str], outdir: Optional[Path], backend: s
     return EXIT_FAILED_INPUTS if stats.failures else EXIT_OK
 
 
-__all__ = ["run_command", "score_frames", "StatusLine", "Tag", "EXIT_OK", "EXIT_FAILED_INPUTS",
+__all__ = ["RunOptions", "run_command", "score_frames", "StatusLine", "Tag", "EXIT_OK", "EXIT_FAILED_INPUTS",
            "EXIT_CANNOT_START", "EXIT_INTERRUPTED"]

@@ -37,26 +37,27 @@ def _quiet(line: str) -> None:
 
 
 def bundle_io(bundle: Bundle) -> trt.TensorIO:
-    """The tensors an engine must have to serve this bundle (its network's first output: the patch features)."""
+    """The tensors an engine must have to serve this bundle: its input and every output its network declares, with
+    the shapes the manifest records."""
     features, spec = bundle.features, bundle.input_spec
-    return trt.TensorIO(input_name=features.input_name, output_name=features.output_name, width=spec.width,
-                        height=spec.height, grid=features.grid, dim=features.dim)
+    outputs = tuple(trt.OutputTensor(name, features.output_shapes.get(name)) for name in features.outputs)
+    return trt.TensorIO(input_name=features.input_name, width=spec.width, height=spec.height, outputs=outputs)
 
 
 def exact_score_function(bundle: Bundle) -> ScoreFunction:
-    """Image scores of a feature batch as the bundle's method scores them, with exact search (no HNSW error)."""
+    """Image scores of a batch of network outputs as the bundle's method scores them, with exact search (no HNSW
+    error)."""
     scorer = scorer_class(bundle.method.name).load(bundle, ScorerOptions(exact_search=True))
-    output_name = bundle.features.output_name
 
-    def score(batch: np.ndarray) -> np.ndarray:
-        return np.array([s.score for s in scorer.score({output_name: batch})])
+    def score(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.array([s.score for s in scorer.score(outputs)])
 
     return score
 
 
 def verify_against_onnxruntime(bundle: Bundle, candidate: FeatureSource, images: Sequence[np.ndarray],
                                source: str) -> Dict[str, Any]:
-    """Features and image scores of `candidate` vs ONNX Runtime (CPU) on the same preprocessed images."""
+    """Every output and the image scores of `candidate` vs ONNX Runtime (CPU) on the same preprocessed images."""
     return trt.measure_against_onnxruntime(candidate, bundle.file(bundle.features.onnx_file), bundle_io(bundle),
                                            images, source, exact_score_function(bundle))
 
@@ -76,9 +77,12 @@ def find_engine(bundle: Bundle) -> Tuple[Optional[Mapping[str, Any]], str]:
 
 
 def open_engine(bundle: Bundle, entry: Mapping[str, Any]) -> trt.TensorRTFeatures:
-    """The feature backend running the engine of `entry` (on its DLA core where it is a DLA engine)."""
+    """The feature backend running the engine of `entry` (on its DLA core where it is a DLA engine).
+
+    Raises EngineLoadError naming the engine file and the tensor when the engine does not match the manifest."""
     name = str(entry["file"])
-    return trt.TensorRTFeatures(bundle.file(name), bundle_io(bundle), dla_core=trt.dla_core_of([entry], name))
+    return trt.TensorRTFeatures(bundle.file(name), bundle_io(bundle), dla_core=trt.dla_core_of([entry], name),
+                                precision=str(entry.get("precision", "unknown")))
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -154,12 +158,17 @@ def build_engine_into(folder: "Path | str", onnx_path: "Path | str", precision: 
     workspace_mb = int(workspace_mb or defaults.get("workspace_mb") or 1024)
     log(f"TensorRT {version}: building a {precision} engine for {device.slug} (max batch {max_batch}, "
         f"workspace {workspace_mb} MB{'' if dla_core is None else f', DLA core {dla_core}'})")
+    io = io or trt.onnx_io(onnx_path)
     result = trt.build_engine(onnx_path, precision=precision, max_batch=max_batch, workspace_mb=workspace_mb,
                               dla_core=dla_core, calibration_batches=calibration_batches,
-                              timing_cache=timing_cache, int8_cache=int8_cache,
-                              compute_capability=device.compute_capability)
-    io = io or trt.onnx_io(onnx_path)
-    with trt.TensorRTFeatures(result.engine, io, dla_core=dla_core) as candidate:
+                              timing_cache=timing_cache, int8_cache=int8_cache, input_name=io.input_name,
+                              output_names=io.output_names, compute_capability=device.compute_capability)
+    try:
+        candidate = trt.TensorRTFeatures(result.engine, io, dla_core=dla_core, precision=precision,
+                                         source=f"{onnx_path}: the {precision} engine built from it")
+    except trt.EngineLoadError as error:
+        raise trt.EngineBuildError(str(error)) from None  # the engine just built does not fit: a build problem
+    with candidate:
         verification = trt.verify_engine(candidate, onnx_path, io, verify_images, verify_source, precision,
                                          score=score, score_tolerance=score_tolerance, log=log)
     names = trt.write_engine_files(folder, trt.engine_file_name(device.slug, version, precision, dla_core, tag),

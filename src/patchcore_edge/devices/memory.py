@@ -14,8 +14,9 @@ Components (bytes):
 - model: ONNX Runtime keeps the weights plus pre-packed copies (measured: about 3.6x the .onnx size); a
   TensorRT engine keeps its serialised size on the device;
 - activations: tensors alive at once during inference. With the `onnx` package importable, a liveness analysis
-  of the graph (shape inference at the batch size, peak of the sum of live tensors, input and output
-  included) times the ORT arena factor; without it, a multiple of the input batch;
+  of the graph (shape inference at the batch size, peak of the sum of live tensors, the input and every
+  output included) times the ORT arena factor; without it, a multiple of the input batch. TensorRT adds the
+  host copies of the input and of every output;
 - runtime overhead: the interpreter with numpy, OpenCV, hnswlib and onnxruntime imported plus an ORT session's
   fixed part, and for TensorRT the CUDA context and TensorRT/cuDNN/cuBLAS libraries.
 
@@ -31,10 +32,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..bundle import Bundle
 from ..methods import scorer_class
+from ..preprocess import tile_boxes
 from ..search import index_resident_bytes
 from .profiles import Profile
 
@@ -112,12 +114,14 @@ def onnx_peak_activation_bytes(onnx_path: Path, batch: int) -> Optional[int]:
 def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] = None,
                     batch: Optional[int] = None, backend: Optional[str] = None,
                     measure_activations: bool = True, memory_total_mb: Optional[int] = None,
-                    search_threads: int = 1) -> Dict[str, Any]:
+                    search_threads: int = 1, image_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
     """Memory of the bundle on the profile's board, by component, with the budget and a warning if it does not fit.
 
     `backend`: "onnxruntime" or "tensorrt" (default: the profile's, ONNX Runtime where it builds no engine);
     `batch`: images per inference (default: the profile's max_batch); `memory_total_mb`: the machine's memory
-    where the profile has no fixed size (workstation, cpu-only; `devices detect` reads it).
+    where the profile has no fixed size (workstation, cpu-only; `devices detect` reads it); `image_size`:
+    the camera frame (width, height), which a tiled bundle needs: the runtime sends all tiles of one frame
+    through the network as one batch, and keeps the frame and its stitched map besides.
     """
     defaults = profile.defaults
     chosen_backend = backend or str(defaults.get("backend") or "onnxruntime")
@@ -127,6 +131,19 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
     features = bundle.features
     spec = bundle.input_spec
     assumptions: List[str] = []
+    frame_bytes = 0
+    if spec.tile is not None:  # tiling (issue 18): one frame's tiles are the network batch
+        if image_size is None:
+            images = 1
+            assumptions.append("tiled bundle without a frame size: counted as one tile per inference, a lower "
+                               "bound (pass the camera frame's size)")
+        else:
+            frame_width, frame_height = int(image_size[0]), int(image_size[1])
+            images = len(tile_boxes(frame_height, frame_width, spec.tile, spec.tile_overlap))
+            # The RGB frame, its float32 stitched map and the tile map being stitched in.
+            frame_bytes = frame_height * frame_width * (3 + 4 + 4)
+            assumptions.append(f"{images} tiles of {spec.tile} px (overlap {spec.tile_overlap}) per "
+                               f"{frame_width}x{frame_height} frame, run as one batch")
 
     onnx_name = features.onnx_file
     onnx_bytes = bundle.file_bytes(onnx_name)
@@ -146,7 +163,12 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
         runtime_overhead = PYTHON_RUNTIME_BYTES + ORT_SESSION_BYTES
 
     input_bytes = images * 3 * spec.height * spec.width * 4
-    output_bytes = images * features.grid[0] * features.grid[1] * features.dim * 4
+    # Every output the network declares (SPADE: the grid and the pooled feature; multi-scale: a grid per scale).
+    output_bytes = images * 4 * sum(math.prod(shape) for shape in features.output_shapes.values())
+    unsized = [name for name in features.outputs if name not in features.output_shapes]
+    if unsized:
+        assumptions.append(f"output(s) {', '.join(unsized)} have no recorded shape (a bundle from before shapes "
+                           "were recorded): their host copies are not counted; re-export to count them")
     peak: Optional[int] = None
     if measure_activations:
         peak = onnx_peak_activation_bytes(bundle.path / onnx_name, images)
@@ -160,9 +182,11 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
         activations = peak + input_bytes + output_bytes
     else:
         activations = int(ORT_ARENA_FACTOR * peak) + ORT_ARENA_EXTRA_BYTES
+    activations += frame_bytes
 
+    method = scorer_class(bundle.method.name)
     components = {
-        **scorer_class(bundle.method.name).resident_bytes(bundle, search_threads),
+        **method.resident_bytes(bundle, search_threads),
         "model": model,
         "activations": activations,
         "runtime_overhead": runtime_overhead,
@@ -189,9 +213,10 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
     if budget is not None:
         fits = total <= budget
         if not fits:
+            advice = method.memory_advice(bundle) or (f"re-export with a smaller {largest} (now {shape}), a smaller "
+                                                      "backbone or batch, or pick a larger board")
             warning = (f"needs about {total / MIB:.0f} MiB, more than the {budget / MIB:.0f} MiB budget of {where} "
-                       f"({fraction:.0%} of its memory): re-export with a smaller {largest} (now "
-                       f"{shape}), a smaller backbone or batch, or pick a larger board")
+                       f"({fraction:.0%} of its memory): {advice}")
     return {"device": profile.name, "variant": chosen_variant.name, "backend": chosen_backend, "batch": images,
             "components": components, "total": total, "budget": budget, "fits": fits, "warning": warning,
             "assumptions": assumptions}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
 from .. import __version__
 from ..imageio import ImageReadError, read_rgb
+from ..methods import UnknownMethod, scorer_class
 from ..preprocess import inspected_fraction
 from .dataset import GOOD, EvalDataset, Sample, load_mask
 from .metrics import DEFAULT_FPR_LIMIT, Metric, PixelEntry, auroc, best_f1, pixel_entry, pixel_metrics
@@ -57,6 +58,16 @@ def _metric_block(scores: np.ndarray, labels: np.ndarray, entries: Sequence[Pixe
         "image_f1": f1.f1, "image_f1_threshold": f1.threshold,
         "reasons": reasons,
     }
+
+
+def method_caveats(bundle: Any) -> List[str]:
+    """The bundle's method's own warnings about its numbers (`Scorer.caveats`); none for an unknown bundle."""
+    if bundle is None:
+        return []
+    try:
+        return [str(c) for c in scorer_class(bundle.method.name).caveats(bundle)]
+    except UnknownMethod:
+        return []
 
 
 def _median(values: Sequence[float]) -> Optional[float]:
@@ -151,10 +162,9 @@ def evaluate(detector: Any, dataset: EvalDataset, pixel_size: Optional[int] = No
     return {
         "report_version": REPORT_VERSION,
         "toolkit_version": __version__,
-        "dataset": {"root": str(dataset.root), "layout": dataset.layout, "counts": dataset.counts(),
-                    "with_masks": sum(1 for s in samples if s.mask_path is not None),
-                    "warnings": list(dataset.warnings)},
+        "dataset": dataset_summary(dataset),
         "bundle": detector.bundle.describe() if getattr(detector, "bundle", None) is not None else {},
+        "caveats": method_caveats(getattr(detector, "bundle", None)),
         "backend": getattr(detector, "backend_name", None),
         "pixel_evaluation": {
             "resolution": ("native resolution" if pixel_size is None
@@ -186,6 +196,13 @@ def evaluate(detector: Any, dataset: EvalDataset, pixel_size: Optional[int] = No
     }
 
 
+def dataset_summary(dataset: EvalDataset) -> Dict[str, Any]:
+    """The test set as reports record it: where, which layout, how many images of each kind."""
+    return {"root": str(dataset.root), "layout": dataset.layout, "counts": dataset.counts(),
+            "with_masks": sum(1 for s in dataset.samples if s.mask_path is not None),
+            "warnings": list(dataset.warnings)}
+
+
 def _pixel_reason(dataset: EvalDataset, entries: Dict[int, PixelEntry], missing_maps: int) -> Optional[str]:
     if missing_maps:
         return f"the detector returned no anomaly map for {missing_maps} image(s)"
@@ -199,8 +216,19 @@ def _pixel_reason(dataset: EvalDataset, entries: Dict[int, PixelEntry], missing_
 # ---------------------------------------------------------------------------------------------- Markdown
 
 
-def _fmt(value: Optional[float], digits: int = 4) -> str:
+def format_value(value: Optional[float], digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def absent_metrics(reasons: Iterable[Mapping[str, str]]) -> List[str]:
+    """"n/a: METRIC: REASON" lines, each once, from the `reasons` of several metric blocks."""
+    lines: List[str] = []
+    for block in reasons:
+        for metric, reason in block.items():
+            line = f"n/a: {metric}: {reason}"
+            if line not in lines:
+                lines.append(line)
+    return lines
 
 
 def _inspected_line(entry: Optional[Dict[str, Any]]) -> str:
@@ -233,17 +261,16 @@ def report_markdown(report: Dict[str, Any]) -> str:
          "| F1 threshold |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    notes: List[str] = []
     rows = [("all", report["metrics"])] + [(d["defect"], d) for d in report["per_defect"]]
     for name, block in rows:
         lines.append(f"| {name} | {block['n_good']} | {block['n_anomalous']} | "
-                     f"{_fmt(block['image_auroc'])} | {_fmt(block['pixel_auroc'])} | "
-                     f"{_fmt(block['aupro'])} | "
-                     f"{_fmt(block['image_f1'])} | {_fmt(block['image_f1_threshold'], 5)} |")
-        for metric, reason in block["reasons"].items():
-            note = f"{metric}: {reason}"
-            if note not in notes:
-                notes.append(note)
+                     f"{format_value(block['image_auroc'])} | {format_value(block['pixel_auroc'])} | "
+                     f"{format_value(block['aupro'])} | "
+                     f"{format_value(block['image_f1'])} | {format_value(block['image_f1_threshold'], 5)} |")
+    notes = absent_metrics(block["reasons"] for _, block in rows)
     if notes:
-        lines += [""] + [f"n/a: {note}" for note in notes]
+        lines += [""] + notes
+    caveats = report.get("caveats") or []
+    if caveats:
+        lines += [""] + [f"caveat ({method}): {caveat}" for caveat in caveats]
     return "\n".join(lines) + "\n"

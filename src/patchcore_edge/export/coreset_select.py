@@ -19,6 +19,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ..bundle import Bundle
+from ..devices.memory import estimate_memory
+from ..devices.profiles import ProfileError, get_profile
 from .coreset import CoresetInputError, FeatureArray, Progress, coverage_radius, greedy_coreset, selection_points
 from .coreset_cells import CellRunner, partitioned_greedy, run_in_process
 
@@ -97,10 +100,6 @@ def bank_size_limit(profile_name: str, dim: int, grid: Tuple[int, int], crop: in
     Uses devices/memory.py's estimate on a draft manifest (the ONNX size estimated from the weights) and the
     profile's own `coreset_max` where it sets one; the smaller wins.
     """
-    from ..bundle import Bundle
-    from ..devices.memory import estimate_memory
-    from ..devices.profiles import ProfileError, get_profile
-
     try:
         profile = get_profile(profile_name)
     except ProfileError as error:

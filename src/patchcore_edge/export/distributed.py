@@ -63,7 +63,8 @@ def dask_runner(client: Any) -> CellRunner:
 
 
 # extract_outputs' result: outputs by name, paths used, their sha256, read errors, sample inputs.
-Extracted = Tuple[Dict[str, Any], List[Any], List[str], List[Any], List[Any]]
+# outputs, used paths, their sha256, read errors, parity samples, network inputs (tiles) per used image
+Extracted = Tuple[Dict[str, Any], List[Any], List[str], List[Any], List[Any], List[int]]
 
 
 def _quiet(stage: str, done: int, total: int) -> None:
@@ -75,9 +76,10 @@ def _extract_run(extract: Callable[..., Extracted], network: Any, output_names: 
     import torch
 
     torch.set_num_threads(1)  # one thread per Dask worker thread
-    outputs, used, hashes, errors, samples = extract(network, output_names, paths, spec, batch_size, "cpu", _quiet)
+    outputs, used, hashes, errors, samples, pieces = extract(network, output_names, paths, spec, batch_size, "cpu",
+                                                             _quiet)
     # Read errors travel as (path, reason): the exception type does not survive pickling.
-    return outputs, used, hashes, [(error.path, error.reason) for error in errors], samples
+    return outputs, used, hashes, [(error.path, error.reason) for error in errors], samples, pieces
 
 
 def extract_on_dask(client: Any, extract: Callable[..., Extracted], network: Any, output_names: Sequence[str],
@@ -109,4 +111,5 @@ def extract_on_dask(client: Any, extract: Callable[..., Extracted], network: Any
     hashes = [digest for part in parts for digest in part[2]]
     errors = [ImageReadError(path, reason) for part in parts for path, reason in part[3]]
     samples = [sample for part in parts for sample in part[4]][:8]
-    return outputs, used, hashes, errors, samples
+    pieces_per_image = [count for part in parts for count in part[5]]
+    return outputs, used, hashes, errors, samples, pieces_per_image

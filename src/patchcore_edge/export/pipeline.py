@@ -9,14 +9,15 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, trt
 from ..bundle import FORMAT_NAME, FORMAT_VERSION, BundleError, check_replaceable, write_new_bundle
+from ..devices.engine import build_engine_into
 from ..imageio import ImageReadError, decode_rgb, list_images, read_image_bytes
 from ..preprocess import InputSpec
 from ..stats import quantiles
@@ -88,6 +89,8 @@ class ExportSummary:
     engine_note: str
     seconds: Dict[str, float] = field(default_factory=dict)
     coreset_note: str = ""
+    method: str = "patchcore"
+    method_lines: Dict[str, str] = field(default_factory=dict)  # the method's own summary rows (label: text)
 
 
 def _quiet_progress(stage: str, done: int, total: int) -> None:
@@ -111,11 +114,13 @@ def scan_nominal(nominal: Union[Path, Sequence[Path]]) -> Tuple[List[Path], List
 
 def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path], spec: InputSpec,
                     batch_size: int, device: str, progress: Progress
-                    ) -> Tuple[Dict[str, np.ndarray], List[Path], List[str], List[ImageReadError], List[np.ndarray]]:
+                    ) -> Tuple[Dict[str, np.ndarray], List[Path], List[str], List[ImageReadError], List[np.ndarray],
+                               List[int]]:
     """Decode, transform and run every image through the network, in batches, skipping unreadable ones.
 
     Returns each output stacked over the images used, the paths used, their file sha256, the read errors, and a
-    few transformed input tensors (numpy) kept for the ONNX parity check.
+    few transformed input tensors (numpy) kept for the ONNX parity check, and how many network inputs (tiles)
+    each used image gave.
     """
     import torch
 
@@ -127,6 +132,7 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
     errors: List[ImageReadError] = []
     samples: List[np.ndarray] = []
     batch: List[torch.Tensor] = []
+    pieces_per_image: List[int] = []
 
     def flush() -> None:
         if not batch:
@@ -147,7 +153,9 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
         except OSError as error:
             errors.append(ImageReadError(path, f"cannot read file ({error.strerror or error})"))
         else:
-            for piece in spec.pieces(image)[1]:  # the image, or each of its tiles
+            pieces = spec.pieces(image)[1]  # the image, or each of its tiles
+            pieces_per_image.append(len(pieces))
+            for piece in pieces:
                 tensor = torch_preprocess(piece, spec)
                 if len(samples) < 8:
                     samples.append(tensor.numpy().copy())
@@ -160,7 +168,7 @@ def extract_outputs(network: Any, output_names: Sequence[str], paths: List[Path]
     flush()
     outputs = {name: np.ascontiguousarray(np.concatenate(parts), dtype=np.float32) if parts
                else np.zeros((0,), np.float32) for name, parts in chunks.items()}
-    return outputs, used, hashes, errors, samples
+    return outputs, used, hashes, errors, samples, pieces_per_image
 
 
 def check_options(options: ExportOptions) -> None:
@@ -194,16 +202,16 @@ def check_options(options: ExportOptions) -> None:
     check_replaceable(output, options.force)
 
 
+# MethodSettings fields the export derives; every other one is the ExportOptions field of the same name.
+_DERIVED_SETTINGS = ("crop", "method_params", "pieces_per_image")
+
+
 def _settings(options: ExportOptions, spec: InputSpec, params: Dict[str, Any]) -> MethodSettings:
-    return MethodSettings(method_params=params,
-        backbone=options.backbone, weights=options.weights, feature_dim=options.feature_dim,
-        coreset_ratio=options.coreset_ratio, coreset_size=options.coreset_size,
-        projection_dim=options.projection_dim, device=options.device, seed=options.seed, hnsw_m=options.hnsw_m,
-        ef_construction=options.ef_construction, ef=options.ef, reweight_neighbours=options.reweight_neighbours,
-        rerank=options.rerank, reduction=options.reduction, layers=options.layers,
-        coreset_method=options.coreset_method, device_profile=options.device_profile, dask=options.dask,
-        # A non-square input counts as a square of its longer side in the device memory cap: never too small.
-        crop=max(spec.width, spec.height))
+    """What a method may read: ExportOptions' fields by name (a MethodSettings field ExportOptions lacks fails
+    here, never defaults silently), the parsed method parameters, and the crop of the memory cap."""
+    copied = {f.name: getattr(options, f.name) for f in fields(MethodSettings) if f.name not in _DERIVED_SETTINGS}
+    # A non-square input counts as a square of its longer side in the device memory cap: never too small.
+    return MethodSettings(**copied, crop=max(spec.width, spec.height), method_params=params)
 
 
 def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, log: Log = _quiet_log,
@@ -216,7 +224,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     from .backbones import get_spec
     from .methods import get_exporter, method_params
-    from .methods.patchcore import MethodExportError
+    from .methods.base import MethodExportError
     from .onnx_export import OnnxModelError, OnnxParityError, check_onnx_parity, export_onnx
 
     seconds: Dict[str, float] = {}
@@ -247,6 +255,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 training_images.extend(torch_preprocess(piece, spec).numpy() for piece in spec.pieces(image)[1])
             except (ImageReadError, OSError):
                 pass  # listed as skipped by the feature pass below
+    method.attach(progress, log)
     try:
         network, info = method.network(settings, spec, training_images)
     except MethodExportError as error:
@@ -260,13 +269,13 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
         try:
             with dask_client(options.dask) as client:
-                outputs, used, hashes, read_errors, samples = extract_on_dask(
+                outputs, used, hashes, read_errors, samples, pieces_per_image = extract_on_dask(
                     client, extract_outputs, network, info.outputs, paths, spec, options.batch_size, progress)
         except DaskUnavailable as error:
             raise ExportError(str(error)) from None
         network = network.to(options.device)
     else:
-        outputs, used, hashes, read_errors, samples = extract_outputs(
+        outputs, used, hashes, read_errors, samples, pieces_per_image = extract_outputs(
             network, info.outputs, paths, spec, options.batch_size, options.device, progress)
     seconds["features"] = time.perf_counter() - start
     skipped = skipped + read_errors
@@ -276,8 +285,10 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         raise ExportError(f"{options.nominal_dir}: found {len(used)} usable image(s) (skipped {len(skipped)}); "
                           f"an export needs at least {MIN_IMAGES} images of good parts")
 
+    output_shapes = {name: [int(n) for n in outputs[name].shape[1:]] for name in info.outputs}
     try:
-        fitted = method.fit(outputs, len(used), settings, progress, log)
+        fitted = method.fit(outputs, len(used), replace(settings, pieces_per_image=tuple(pieces_per_image)),
+                            progress, log)
     except MethodExportError as error:
         raise ExportError(str(error)) from None
     del outputs
@@ -324,16 +335,19 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
                 "dim": int(info.dim), "grid": [int(info.grid[0]), int(info.grid[1])],
                 "stride": int(info.stride), "local_neighbourhood": 3,
                 "onnx_file": "features.onnx", "input_name": "image", "output_name": info.outputs[0],
-                "outputs": list(info.outputs),
+                "outputs": list(info.outputs), "output_shapes": output_shapes,
                 "layout": "NHWC", "onnx_parity": {"max_abs_diff": float(parity.max_abs),
                                                    "tolerance": float(parity.tolerance),
                                                    "images": int(min(len(samples), options.parity_images))},
                 **info.extra,
             },
             "method": {"name": method.name, "params": fitted.params, "arrays": arrays, "files": fitted.file_roles},
-            "score": {"distance": "euclidean", "gaussian_sigma": float(options.gaussian_sigma),
+            "score": {"distance": "euclidean",
+                      "gaussian_sigma": float(options.gaussian_sigma if fitted.map_sigma is None
+                                              else fitted.map_sigma),
                       # Quantiles of training images scored as new parts (for PatchCore: export/heldout.py).
-                      "training_scores": quantiles(held_out) if held_out is not None and held_out.size else None},
+                      "training_scores": quantiles(held_out) if held_out is not None and held_out.size else None,
+                      **({} if fitted.map_range is None else {"map_range": [float(v) for v in fitted.map_range]})},
             "engines": engines,
             "calibration": None,
             "training_images": {"file": "training_images.json", "count": len(used)},
@@ -346,7 +360,8 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         coreset_size=int(summary.get("coreset_size", 0)), feature_dim=int(info.dim),
         bank_mb=float(summary.get("bank_mb", 0.0)), coverage_radius=summary.get("coverage_radius"),
         onnx_max_abs_diff=float(staged["parity"].max_abs), engine_note=staged["engine_note"], seconds=seconds,
-        coreset_note=str(summary.get("coreset_note", "")))
+        coreset_note=str(summary.get("coreset_note", "")), method=method.name,
+        method_lines={str(k): str(v) for k, v in summary.get("lines", {}).items()})
 
 
 def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[np.ndarray], staging: Path,
@@ -357,9 +372,6 @@ def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[n
     """
     if not options.engine:
         return "TensorRT engine: not requested (--no-engine)"
-    from .. import trt
-    from ..devices.engine import build_engine_into
-
     available, reason = trt.tensorrt_status()
     if not available:
         return f"TensorRT engine: skipped ({reason}); build it on the device with `patchcore-edge engine build`"

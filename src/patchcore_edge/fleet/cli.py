@@ -12,7 +12,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import click
 
+from .. import __version__
+from .publisher import Publisher, PublisherConfig
+from .spool import Spool, SpoolError
 from .url import FleetError, parse_broker_url
+from .watch import watch
 
 TLS_FILE = click.Path(exists=True, dir_okay=False)
 
@@ -33,8 +37,6 @@ class NoPublisher:
 
 def identity(detector: Any) -> Dict[str, Any]:
     """bundle_id (of the score-defining files), calibration_id, backend, version and the nominal quantiles."""
-    from patchcore_edge import __version__
-
     bundle = getattr(detector, "bundle", None)
     digests = sorted(bundle.fingerprint().values()) if bundle is not None else []
     calibration = getattr(detector, "calibration", None)
@@ -64,9 +66,6 @@ class FleetOptions:
         """A started Publisher, or a no-op when --publish is not given (nothing connects anywhere then)."""
         if not self.publish:
             return NoPublisher()
-        from .publisher import Publisher, PublisherConfig
-        from .spool import SpoolError
-
         try:
             config = PublisherConfig(url=parse_broker_url(self.publish),
                                      device=self.device_id or socket.gethostname(), camera=self.camera,
@@ -130,8 +129,6 @@ def fleet_group() -> None:
 def watch_command(url: str, ca_file: Optional[str], cert_file: Optional[str], key_file: Optional[str],
                   jsonl: Optional[Path], duration: Optional[float], silent_after: float, interval: float) -> None:
     """A terminal view of every board publishing under mqtt://host/PREFIX."""
-    from .watch import watch
-
     try:
         watch(parse_broker_url(url), ca_file, cert_file, key_file, jsonl, duration, silent_after, interval)
     except FleetError as error:
@@ -142,8 +139,6 @@ def watch_command(url: str, ca_file: Optional[str], cert_file: Optional[str], ke
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def spool_command(folder: Path) -> None:
     """What waits in a spool folder and what was dropped."""
-    from .spool import Spool, SpoolError
-
     try:
         spool = Spool(folder, max_bytes=2**62)
     except SpoolError as error:

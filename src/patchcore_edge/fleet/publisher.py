@@ -24,7 +24,8 @@ from typing import Any, Dict, Mapping, Optional
 import cv2
 import numpy as np
 
-from .spool import MAP, RESULT, Spool
+from ..runtime.outputs import colourise
+from .spool import MAP, RESULT, Spool, default_spool_dir
 from .url import BrokerUrl, FleetError, map_topic, result_topic, status_topic
 
 log = logging.getLogger("patchcore_edge")
@@ -89,8 +90,6 @@ def capped_jpeg(image_bgr: np.ndarray, max_bytes: int) -> Optional[bytes]:
 
 class Publisher:
     def __init__(self, config: PublisherConfig, map_scale: Any = None) -> None:
-        from .spool import default_spool_dir
-
         self.config = config
         self.run_id = uuid.uuid4().hex[:8]
         self.map_scale = map_scale
@@ -162,8 +161,6 @@ class Publisher:
         out = []
         if anomaly_map is not None:
             self._maps_pending -= 1
-            from patchcore_edge.runtime.outputs import colourise
-
             jpeg = capped_jpeg(colourise(anomaly_map, self.map_scale), self.config.map_max_bytes)
             if jpeg is not None:
                 topic = map_topic(self.config.url.prefix, self.config.device, self.config.camera, message_id)

@@ -7,10 +7,13 @@ import json
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Deque, Dict, Optional, Set, Tuple
 
+from ..stats import distribution_shift
+from .publisher import make_client, utc_now
 from .url import BrokerUrl
 
 RECENT = 200
@@ -51,8 +54,6 @@ class FleetView:
                 board.last, board.heard = message, now
 
     def render(self, now: float) -> str:
-        from patchcore_edge.stats import distribution_shift
-
         rows = [f"{'board':<20} {'state':<8} {'img/min':>7} {'anom %':>6} {'last decision':<22} {'drift IQR':>9}"]
         with self.lock:
             for name, board in sorted(self.boards.items()):
@@ -78,10 +79,6 @@ class FleetView:
 
 def watch(url: BrokerUrl, ca_file: Optional[str], cert_file: Optional[str], key_file: Optional[str],
           jsonl: Optional[Path], duration: Optional[float], silent_after: float, interval: float) -> None:
-    import uuid
-
-    from .publisher import make_client, utc_now
-
     view = FleetView(silent_after)
     record = open(jsonl, "a", encoding="utf-8") if jsonl is not None else None
     client = make_client(url, f"patchcore-edge-watch-{uuid.uuid4().hex[:6]}", ca_file, cert_file, key_file)

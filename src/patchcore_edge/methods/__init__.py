@@ -11,6 +11,10 @@ from .base import MethodScore, Scorer, ScorerOptions
 # name -> "module:class", imported only when a bundle uses the method.
 _SCORERS: Dict[str, str] = {
     "patchcore": "patchcore_edge.methods.patchcore:PatchCoreScorer",
+    "spade": "patchcore_edge.methods.spade:SpadeMethod",
+    "padim": "patchcore_edge.methods.padim:PadimMethod",
+    "patch_svdd": "patchcore_edge.methods.trained_patch:PatchSVDDScorer",
+    "multiscale": "patchcore_edge.methods.trained_patch:MultiscaleScorer",
 }
 
 

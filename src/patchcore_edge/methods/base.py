@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
+
+from ..bundle import BundleError
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -71,6 +73,25 @@ class Scorer(abc.ABC):
         return {key: int(np.prod(record.shape)) * np.dtype(record.dtype).itemsize
                 for key, record in bundle.method.arrays.items()}
 
+    @classmethod
+    def caveats(cls, bundle: "Bundle") -> List[str]:
+        """Where this method's numbers need care on this bundle, one sentence each (`eval` prints them under
+        its tables; PaDiM: it assumes aligned parts). The default: none."""
+        return []
+
+    @classmethod
+    def memory_advice(cls, bundle: "Bundle") -> Optional[str]:
+        """What to change when the bundle does not fit a board (`devices fit`); None: the generic advice."""
+        return None
+
     def settings(self) -> Dict[str, object]:
         """What the scores depend on beyond the bundle files (PatchCore: ef, exact search), for calibration."""
         return {}
+
+
+def require_outputs(bundle: "Bundle", names: Tuple[str, ...]) -> None:
+    """BundleError naming the manifest when the bundle's network lacks an output the method reads."""
+    missing = [name for name in names if name not in bundle.features.outputs]
+    if missing:
+        raise BundleError(f"{bundle.path / 'manifest.json'}: features.outputs {list(bundle.features.outputs)} lack "
+                          f"{missing[0]!r}, which method {bundle.method.name} reads; re-export the bundle")

@@ -8,7 +8,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..search import PatchSearch
-from .patch_maps import MapLayout, MapScore, Scale, Window, rerank_scores
+from .patch_maps import MapLayout, MapScore, Scale, Window, box_sums, rerank_scores
 
 
 class NearestPatchScorer:
@@ -31,7 +31,12 @@ class NearestPatchScorer:
             self._layouts[key] = MapLayout(self.scales, key, self.combine, self.window)
         return self._layouts[key]
 
-    def score(self, outputs: Mapping[str, np.ndarray]) -> List[MapScore]:
+    def score(self, outputs: Mapping[str, np.ndarray], exact_above: Optional[float] = None,
+              reach: int = 0) -> List[MapScore]:
+        """Scores and cell maps of a batch. With `exact_above` (a pixel threshold), every patch that covers a
+        cell within `reach` cells of a cell above it in the approximate map is searched exactly too: the map
+        is then exact wherever it can decide a mask (approximate distances only over-estimate, and the map is
+        monotone in them, so a cell above the threshold in the exact map is above it in the approximate one)."""
         grids = []
         for scale, search in zip(self.scales, self.searches):
             if scale.output not in outputs:
@@ -49,6 +54,8 @@ class NearestPatchScorer:
             flat = grid.reshape(-1, grid.shape[3])
             found = search.exact_nearest(flat) if self.exact_search else search.nearest(flat)
             approx.append(found[0].reshape(grid.shape[:3]))
+        if exact_above is not None and not self.exact_search:
+            self._exact_near_threshold(layout, grids, approx, float(exact_above), int(reach))
 
         def exact_for(grid: np.ndarray, search: PatchSearch):  # type: ignore[no-untyped-def]
             def run(image: int, patches: np.ndarray) -> np.ndarray:
@@ -57,3 +64,22 @@ class NearestPatchScorer:
 
         return rerank_scores(layout, approx, [exact_for(g, s) for g, s in zip(grids, self.searches)],
                              all_exact=self.exact_search)
+
+    def _exact_near_threshold(self, layout: MapLayout, grids: Sequence[np.ndarray], approx: List[np.ndarray],
+                              level: float, reach: int) -> None:
+        hot = layout.cell_map(approx) > level  # [B, cells_h, cells_w]
+        if not hot.any():
+            return
+        size = 2 * reach + 1  # dilate by `reach` cells: a box sum centred on each cell
+        near = box_sums(box_sums(hot.astype(np.float32), size, -2), size, -1)[:, reach:reach + hot.shape[1],
+                                                                             reach:reach + hot.shape[2]] > 0
+        for scale, grid, search, distances in zip(self.scales, grids, self.searches, approx):
+            k, s = scale.kernel // layout.cell, scale.stride // layout.cell
+            # Patch (i, j) covers cells [i s, i s + k): it is needed when any of them is near a hot cell.
+            covered = box_sums(box_sums(near.astype(np.float32), k, -2), k, -1)
+            needed = covered[:, k - 1::s, k - 1::s][:, :distances.shape[1], :distances.shape[2]] > 0
+            flat = needed.reshape(-1)
+            if flat.any():
+                queries = grid.reshape(-1, grid.shape[3])[flat]
+                values = distances.reshape(-1)
+                values[flat] = np.minimum(values[flat], search.exact_nearest(queries)[0])

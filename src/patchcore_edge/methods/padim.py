@@ -15,11 +15,19 @@ Numpy and OpenCV only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from ..bundle import BundleError
 from ..maps import anomaly_map
+from .base import MethodScore, Scorer, ScorerOptions, require_outputs
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
+NAME = "padim"
+OUTPUT = "features"  # the embedding [B, h, w, d], the chosen channels only
 
 # Stored precisions must be symmetric to this relative tolerance (float32 rounding of a symmetric float64 matrix
 # is exactly symmetric; anything else was damaged or written by something else).
@@ -100,8 +108,9 @@ def precision_factors(precision: np.ndarray) -> np.ndarray:
 class PadimScorer:
     """Mahalanobis distance per grid position from stored means [h, w, d] and precisions [h, w, d, d]."""
 
-    def __init__(self, mean: np.ndarray, precision: np.ndarray, params: PadimParams, crop: int,
-                 sigma: float) -> None:
+    def __init__(self, mean: np.ndarray, precision: np.ndarray, params: PadimParams,
+                 size: Union[int, Tuple[int, int]], sigma: float) -> None:
+        """`size`: the network input's side, or (width, height); the image score is taken on a map that size."""
         mean_array = np.asarray(mean)
         precision_array = np.asarray(precision)
         if mean_array.ndim != 3 or mean_array.shape[2] != params.d or mean_array.dtype != np.float32:
@@ -119,7 +128,7 @@ class PadimScorer:
         self.mean = np.ascontiguousarray(mean_array.reshape(h * w, d))
         self.factors = precision_factors(precision_array.reshape(h * w, d, d))
         self.params = params
-        self.crop = int(crop)
+        self.size = size
         self.sigma = float(sigma)
 
     def distances(self, grids: np.ndarray) -> np.ndarray:
@@ -138,12 +147,77 @@ class PadimScorer:
         result: np.ndarray = np.sqrt(squared).reshape(b, *self.grid)
         return result
 
-    def score_batch(self, grids: np.ndarray) -> List[Tuple[float, np.ndarray]]:
-        """(image score, patch map [h, w]) per image: the score is the maximum of the smoothed crop-size map."""
+    def score_batch(self, grids: np.ndarray, valid: Optional[np.ndarray] = None
+                    ) -> List[Tuple[float, np.ndarray]]:
+        """(image score, patch map [h, w]) per image: the score is the maximum of the smoothed input-size map.
+
+        `valid` (bool [B, h*w]): positions that may score; the others are 0 before the smoothing, so that they
+        never give the image score.
+        """
         maps = self.distances(grids)
-        return [(float(anomaly_map(m, self.crop, self.sigma).max()), m) for m in maps]
+        if valid is not None:
+            maps = np.where(np.asarray(valid, dtype=bool).reshape(maps.shape), maps, np.float32(0.0))
+        return [(float(anomaly_map(m, self.size, self.sigma).max()), m) for m in maps]
 
 
 def gaussian_bytes(grid: Tuple[int, int], d: int) -> int:
     """Bundle bytes of the Gaussians (float32 means and precisions)."""
     return int(grid[0] * grid[1] * (d + d * d) * 4)
+
+
+class PadimMethod(Scorer):
+    """PaDiM as a bundle's scoring method: reads and checks the Gaussians, adapts `PadimScorer` to `Scorer`."""
+
+    name = NAME
+
+    @classmethod
+    def caveats(cls, bundle: "Bundle") -> List[str]:
+        assumes = bundle.method.params.get("assumes")
+        if not isinstance(assumes, str):
+            return []
+        return [f"PaDiM assumes {assumes}; parts that move or turn in the image score as anomalies"]
+
+    def __init__(self, core: PadimScorer) -> None:
+        self.core = core
+
+    @classmethod
+    def load(cls, bundle: "Bundle", options: ScorerOptions) -> "PadimMethod":
+        where = bundle.path / "manifest.json"
+        try:
+            params = PadimParams.from_manifest(bundle.method.params)
+        except PadimArrayError as error:
+            raise BundleError(f"{where}: {error}; re-export the bundle") from None
+        require_outputs(bundle, (OUTPUT,))
+        expected = (*bundle.features.grid, bundle.features.dim)
+        if params.d != bundle.features.dim:
+            raise BundleError(f"{where}: method.params.d={params.d} but the network gives {bundle.features.dim} "
+                              "channels; re-export the bundle")
+        mean = bundle.method_array("mean")
+        precision = bundle.method_array("precision")
+        arrays = bundle.method.arrays
+        if mean.shape != expected:
+            raise BundleError(f"{bundle.path / arrays['mean'].file}: mean has shape {mean.shape}, the network's grid "
+                              f"is {expected}; re-export the bundle")
+        spec = bundle.input_spec
+        try:
+            core = PadimScorer(mean, precision, params, (spec.width, spec.height), bundle.map_sigma)
+        except PadimArrayError as error:
+            raise BundleError(f"{bundle.path / arrays['precision'].file}: {error}; re-export the bundle") from None
+        return cls(core)
+
+    def score(self, outputs: Mapping[str, np.ndarray], valid: Optional[np.ndarray] = None) -> List[MethodScore]:
+        try:
+            scored = self.core.score_batch(outputs[OUTPUT], valid)
+        except PadimArrayError as error:
+            raise BundleError(f"{error}; re-export the bundle") from None
+        return [MethodScore(score=score, patch_map=patch_map, details={"max_patch_distance": float(patch_map.max())})
+                for score, patch_map in scored]
+
+    @classmethod
+    def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
+        h, w, d = bundle.method.arrays["mean"].shape
+        positions = h * w
+        # The precisions are replaced by their float32 Cholesky factors; the check at load holds two float64
+        # copies of them for a moment.
+        return {"mean": positions * d * 4, "precision_factors": positions * d * d * 4,
+                "load_check_float64": 2 * positions * d * d * 8}

@@ -141,6 +141,17 @@ class MapLayout:
         return blocks
 
 
+def scale_grids(scales: Sequence[Scale], height: int, width: int) -> List[Tuple[int, int]]:
+    """Each scale's patch grid on a height x width input, or ValueError when its patches do not tile it exactly
+    (then some pixels would be covered by no patch, or by a different number of patches per scale)."""
+    grids = []
+    for s in scales:
+        if min(height, width) < s.kernel or (height - s.kernel) % s.stride or (width - s.kernel) % s.stride:
+            raise ValueError(f"{s.kernel}-pixel patches {s.stride} apart do not tile {width} x {height}")
+        grids.append(((height - s.kernel) // s.stride + 1, (width - s.kernel) // s.stride + 1))
+    return grids
+
+
 ExactSearch = Callable[[int, np.ndarray], np.ndarray]
 
 

@@ -12,11 +12,21 @@ Numpy only. The arrays come from the bundle: global features float32 [N, G] and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from ..bundle import BundleError
 from ..search import as_bank, blas_threads, row_distances, squared_norms
+from .base import MethodScore, Scorer, ScorerOptions, require_outputs
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
+NAME = "spade"
+# The network's two outputs (one forward pass): the pyramid grid [B, h, w, D] and the global feature [B, G].
+GRID_OUTPUT = "features"
+GLOBAL_OUTPUT = "global"
 
 # Distance blocks (queries x rows) stay under this many float32 values (64 MiB), as in search.py.
 _BLOCK_VALUES = 16 * 1024 * 1024
@@ -181,3 +191,72 @@ def leave_one_out_image_scores(global_features: np.ndarray, k: int) -> np.ndarra
     kept = distances[keep].reshape(n, kk)
     scores: np.ndarray = kept.mean(axis=1, dtype=np.float64)
     return scores
+
+
+class SpadeMethod(Scorer):
+    """SPADE as a bundle's scoring method: reads and checks the arrays, adapts `SpadeScorer` to `Scorer`."""
+
+    name = NAME
+
+    def __init__(self, core: SpadeScorer) -> None:
+        self.core = core
+
+    @classmethod
+    def load(cls, bundle: "Bundle", options: ScorerOptions) -> "SpadeMethod":
+        where = bundle.path / "manifest.json"
+        try:
+            params = SpadeParams.from_manifest(bundle.method.params)
+        except SpadeArrayError as error:
+            raise BundleError(f"{where}: {error}; re-export the bundle") from None
+        require_outputs(bundle, (GRID_OUTPUT, GLOBAL_OUTPUT))
+        global_features = bundle.method_array("global_features")  # dtype and shape as method.arrays records
+        gallery = bundle.method_array("gallery")
+        gallery_file = bundle.path / bundle.method.arrays["gallery"].file
+        expected = (params.images, *bundle.features.grid, bundle.features.dim)
+        if gallery.shape != expected:
+            raise BundleError(f"{gallery_file}: gallery has shape {gallery.shape}, the manifest says {expected} "
+                              "(method.params.images x features.grid x features.dim); re-export the bundle")
+        try:
+            core = SpadeScorer(global_features, gallery, params, threads=options.threads)
+        except SpadeArrayError as error:
+            raise BundleError(f"{gallery_file}: {error}; re-export the bundle") from None
+        return cls(core)
+
+    def score(self, outputs: Mapping[str, np.ndarray], valid: Optional[np.ndarray] = None) -> List[MethodScore]:
+        try:
+            scored = self.core.score_batch(outputs[GLOBAL_OUTPUT], outputs[GRID_OUTPUT])
+        except SpadeArrayError as error:
+            raise BundleError(f"{error}; re-export the bundle") from None
+        results = []
+        for i, item in enumerate(scored):
+            patch_map = item.patch_map
+            if valid is not None:
+                # Padding and positions outside the ROI get 0 on the map. The image score cannot honour `valid`:
+                # it is the distance between global features, which the network pools over its whole input.
+                # Letterbox padding is the same in training and on the line, so it shifts both alike; an ROI,
+                # though, restricts the map only, not what the image score sees.
+                patch_map = np.where(np.asarray(valid[i]).reshape(self.core.grid), patch_map, np.float32(0.0))
+            results.append(MethodScore(score=item.score, patch_map=patch_map,
+                                       details={"max_patch_distance": float(patch_map.max()),
+                                                "nearest_image": float(item.nearest_images[0])}))
+        return results
+
+    @classmethod
+    def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
+        arrays = super().resident_bytes(bundle, search_threads)
+        images, h, w, dim = bundle.method.arrays["gallery"].shape
+        k = bundle.method.params.get("k")
+        k = min(int(k), images) if isinstance(k, int) and not isinstance(k, bool) and k > 0 else images
+        # Per image scored: the K nearest images' grids in float32 and their centred copy (`exact_knn`).
+        return {**arrays, "gallery_search": 2 * k * h * w * dim * 4 + k * h * w * 4}
+
+    @classmethod
+    def memory_advice(cls, bundle: "Bundle") -> Optional[str]:
+        record = bundle.method.arrays["gallery"]
+        images, h, w, dim = record.shape
+        per_image = bytes_per_training_image((h, w), dim, int(bundle.method.arrays["global_features"].shape[1]),
+                                             record.dtype)
+        half = "" if record.dtype == "float16" else " or --method-param gallery_dtype=float16 (halves the gallery)"
+        return (f"the SPADE gallery holds {images} training images of {h} x {w} x {dim} {record.dtype} "
+                f"({per_image / 2**20:.2f} MiB each): re-export with fewer training images{half}, a smaller "
+                "input or backbone, or pick a larger board")

@@ -1,4 +1,5 @@
-"""Feature backends: a normalised image batch in, the patch-feature grid out. No torch here, ever."""
+"""Feature backends: a normalised image batch in, every output of the bundle's network out, by name. No torch here,
+ever: ONNX Runtime, or a TensorRT engine (`trt.TensorRTFeatures`, which has the same `run`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from ..bundle import Bundle, BundleError
 from ..cpu import available_cores
+from ..devices.engine import find_engine, open_engine
+from ..trt import EngineLoadError
 
 
 class FeatureBackend(Protocol):
@@ -128,25 +131,6 @@ def check_shape(onnx_path: Path, name: str, declared: Any, expected: Tuple[int, 
                           f"[B, {', '.join(map(str, expected))}]; the bundle is inconsistent: re-export it")
 
 
-class SingleOutputBackend:
-    """A backend whose `features(batch)` returns the one output (TensorRT engines of single-output networks)."""
-
-    def __init__(self, inner: Any, output_name: str, engine_file: Optional[str] = None, precision: str = "fp32"
-                 ) -> None:
-        self.inner = inner
-        self.output_name = output_name
-        self.engine_file = engine_file
-        self.precision = precision
-        self.name = inner.name
-        self.max_batch = getattr(inner, "max_batch", None)
-
-    def run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
-        return {self.output_name: self.inner.features(batch)}
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] = None
                  ) -> Tuple[FeatureBackend, str]:
     """The feature backend asked for, and a one-line note of why it was chosen."""
@@ -154,14 +138,12 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] =
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     features = bundle.features
     if backend in ("auto", "tensorrt"):
-        from ..devices.engine import find_engine, open_engine
-
         engine, reason = find_engine(bundle)
         if engine is not None:
-            runner = open_engine(bundle, engine)
-            backend_used = SingleOutputBackend(runner, features.output_name, engine_file=str(engine["file"]),
-                                               precision=str(engine.get("precision", "unknown")))
-            return backend_used, f"TensorRT engine {engine['file']}"
+            try:
+                return open_engine(bundle, engine), f"TensorRT engine {engine['file']}"
+            except EngineLoadError as error:  # names the engine file and the tensor that does not match
+                raise BundleError(str(error)) from None
         if backend == "tensorrt":
             raise BundleError(f"{bundle.path}: no usable TensorRT engine ({reason})")
         note = f"ONNX Runtime ({reason})"
@@ -169,7 +151,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: Optional[int] =
         note = "ONNX Runtime (asked for)"
     spec = bundle.input_spec
     shapes: Dict[str, Tuple[int, ...]] = {features.input_name: (3, spec.height, spec.width),
-                                          features.output_name: (*features.grid, features.dim)}
+                                          **features.output_shapes}
     ort_backend = OnnxRuntimeFeatures(bundle.path / features.onnx_file, features.input_name, features.outputs,
                                       threads=threads, shapes=shapes)
     return ort_backend, note

@@ -23,6 +23,7 @@ from typing import Any, Dict, Hashable, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
+from .. import __version__
 from ..bundle import Bundle, BundleError
 from ..cpu import available_cores
 from ..decision import REDO_CALIBRATION, Calibration, load_for_bundle, setup_mismatch
@@ -111,8 +112,6 @@ class Detector:
     @property
     def scored_with(self) -> Dict[str, Any]:
         """What this detector's scores depend on beyond the bundle's files (recorded by calibrate, compared on load)."""
-        from .. import __version__
-
         engine = getattr(self.backend, "engine_file", None)
         return {"backend": self.backend.name, "engine_file": engine,
                 "engine_sha256": self.bundle.file_sha256(engine) if engine and self.bundle.has_file(engine) else None,

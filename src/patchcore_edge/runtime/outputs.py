@@ -16,11 +16,13 @@ Heat-map colour scale: fixed for the whole run, never per image (a per-image min
 image red). A map value v gets the colour JET((v - low) / (high - low)), clipped to [0, 1], where [low, high]
 is, in this order of preference:
   1. `--map-range LOW HIGH` when given;
-  2. calibrated bundle: [0, 2 x pixel threshold] (the image threshold when there is no pixel threshold), so
-     the threshold sits mid-scale: green is the threshold, yellow to red is over it, cyan to blue under it;
-  3. uncalibrated: [0, 2 x the highest nominal value the bundle records]: manifest score.map_range as given,
-     else score.training_scores (max), else coreset.coverage_radius (every training patch lies within it);
-  4. none of these: [0, 2 x the first image's score], with a warning (calibrate for a stable scale).
+  2. calibrated bundle: [0, 2 x pixel threshold], so the threshold sits mid-scale: green is the threshold,
+     yellow to red is over it, cyan to blue under it;
+  3. manifest score.map_range as given (methods whose image score is not on the map's scale: SPADE);
+  4. calibrated bundle without a pixel threshold: [0, 2 x image threshold];
+  5. uncalibrated: [0, 2 x the highest nominal value the bundle records]: score.training_scores (max), else
+     coreset.coverage_radius (every training patch lies within it);
+  6. none of these: [0, 2 x the first image's score], with a warning (calibrate for a stable scale).
 The range used is written to OUTDIR/run.json.
 
 Every PNG is written atomically (temporary file in the same folder, then rename): a reader never sees half a
@@ -93,18 +95,21 @@ def map_scale_for(bundle: Any, calibration: Any = None,
     """The run's heat-map range (see the module docstring); None when the bundle records nothing to use."""
     if override is not None:
         return MapScale(float(override[0]), float(override[1]), "--map-range")
-    if calibration is not None:
-        # Calibration records (patchcore_edge/decision.py) hold them as pixel.threshold and image.threshold.
-        for name in ("pixel", "image"):
-            threshold = _positive(_field(_field(calibration, name), "threshold"))
-            if threshold is not None:
-                return MapScale(0.0, 2.0 * threshold, f"calibration {name}.threshold x 2")
+    # Calibration records (patchcore_edge/decision.py) hold them as pixel.threshold and image.threshold.
+    pixel = _positive(_field(_field(calibration, "pixel"), "threshold")) if calibration is not None else None
+    if pixel is not None:
+        return MapScale(0.0, 2.0 * pixel, "calibration pixel.threshold x 2")
+    # A manifest map range comes before the image threshold: it is recorded by methods whose image score is not
+    # on the map's scale (SPADE: a distance between global features).
     given = bundle.map_range
     if given is not None:
         try:
             return MapScale(float(given[0]), float(given[1]), "manifest score.map_range")
         except ValueError:
             pass
+    image = _positive(_field(_field(calibration, "image"), "threshold")) if calibration is not None else None
+    if image is not None:
+        return MapScale(0.0, 2.0 * image, "calibration image.threshold x 2")
     top = _positive((bundle.training_scores or {}).get("max"))
     if top is not None:
         return MapScale(0.0, 2.0 * top, "manifest score.training_scores max x 2")

@@ -11,7 +11,7 @@ Targets the TensorRT Python API of JetPack 5.1 (TensorRT 8.5.2), JetPack 6.0 (8.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -112,6 +112,16 @@ def _network_input(network: "trt.INetworkDefinition", input_name: str, onnx_path
     return shape
 
 
+def _network_outputs(network: "trt.INetworkDefinition", expected: Optional[Sequence[str]], onnx_path: Path) -> None:
+    """The model's outputs must be the ones the bundle declares (any order): refused before the long build."""
+    names = [network.get_output(i).name for i in range(network.num_outputs)]
+    if not names:
+        raise EngineBuildError(f"{onnx_path}: the model has no output")
+    if expected is not None and sorted(names) != sorted(expected):
+        raise EngineBuildError(f"{onnx_path}: the model has outputs {names}, the bundle declares {list(expected)}; "
+                               "re-export the bundle")
+
+
 def _check_request(builder: "trt.Builder", precision: str, dla_core: Optional[int], has_int8_source: bool,
                    compute_capability: Optional[Tuple[int, int]]) -> bool:
     """Refuse what this GPU cannot do, before the (long) build; returns whether FP16 is fast."""
@@ -153,10 +163,12 @@ def _check_sizes(precision: str, max_batch: int, workspace_mb: int, dla_core: Op
 def build_engine(onnx_path: "Path | str", precision: str = "fp16", max_batch: int = 1, workspace_mb: int = 1024,
                  dla_core: Optional[int] = None, calibration_batches: Optional[Iterable[np.ndarray]] = None,
                  timing_cache: Optional[bytes] = None, int8_cache: Optional[bytes] = None,
-                 input_name: str = INPUT_NAME,
+                 input_name: str = INPUT_NAME, output_names: Optional[Sequence[str]] = None,
                  compute_capability: Optional[Tuple[int, int]] = None) -> BuildResult:
-    """Build a serialised engine from the bundle's `features.onnx`.
+    """Build a serialised engine from the bundle's `features.onnx`, every output of the network included.
 
+    The optimisation profiles cover the input's batch range; each output's shape follows from it.
+    `output_names`: the outputs the bundle declares (checked before the build; None: whatever the model has).
     `calibration_batches`: preprocessed nominal images (float32 [3, H, W] or [1, 3, H, W]) for INT8;
     `int8_cache`: a previous calibration cache, used instead of the images when given. `timing_cache`: bytes of
     an earlier build's timing cache (speeds up rebuilds). Returns the engine, the updated timing cache and, for
@@ -177,6 +189,7 @@ def build_engine(onnx_path: "Path | str", precision: str = "fp16", max_batch: in
     network = builder.create_network(network_flags())
     _parse_onnx(network, logger, log, onnx_path)
     shape = _network_input(network, input_name, onnx_path)
+    _network_outputs(network, output_names, onnx_path)
     if shape[0] != -1 and max_batch > 1:
         raise EngineBuildError(f"{onnx_path}: the model has a fixed batch of {shape[0]}; --max-batch "
                                f"{max_batch} needs a model exported with a dynamic batch dimension")
@@ -199,8 +212,8 @@ def build_engine(onnx_path: "Path | str", precision: str = "fp16", max_batch: in
         if fast_fp16:
             # Layers without an INT8 kernel then fall back to FP16 rather than FP32.
             config.set_flag(trt.BuilderFlag.FP16)
-        calibration = Calibration(calibration_batches if int8_cache is None else None, (1,) + shape[1:],
-                                  int8_cache)
+        calibration = Calibration(calibration_batches if int8_cache is None else None, input_name,
+                                  (1,) + shape[1:], int8_cache)
         config.int8_calibrator = make_calibrator(calibration)
         config.set_calibration_profile(profiles[0])
     if dla_core is not None:

@@ -1,4 +1,8 @@
-"""The INT8 entropy calibrator: feeds preprocessed nominal images to TensorRT one at a time."""
+"""The INT8 entropy calibrator: feeds preprocessed nominal images to TensorRT one at a time.
+
+Only the network's one input is fed; every output (a network may have several) is calibrated from it, as the
+activation ranges TensorRT measures cover the whole graph.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ if TYPE_CHECKING:  # pragma: no cover - the stubs give the type checker TensorRT
 class Calibration:
     """State of one INT8 calibration: the images still to feed, the caches, the device buffer."""
 
-    def __init__(self, images: Optional[Iterable[np.ndarray]], input_shape: Tuple[int, ...],
+    def __init__(self, images: Optional[Iterable[np.ndarray]], input_name: str, input_shape: Tuple[int, ...],
                  cache: Optional[bytes]) -> None:
         self.images: Iterator[np.ndarray] = iter(images if images is not None else ())
+        self.input_name = input_name
         self.input_shape = input_shape
         self.cache_in = cache
         self.cache_out: Optional[bytes] = None
@@ -39,6 +44,14 @@ class Calibration:
         self.images_used += 1
         return self.buffer.ptr
 
+    def pointers(self, names: List[str]) -> Optional[List[int]]:
+        """The device pointers TensorRT asks for (one per input name), None once the images are exhausted."""
+        if list(names) != [self.input_name]:
+            raise ValueError(f"TensorRT asked the calibrator for tensors {list(names)}, the network's only input "
+                             f"is {self.input_name!r}")
+        pointer = self.next_pointer()
+        return None if pointer is None else [pointer]
+
     def release(self) -> None:
         if self.buffer is not None:
             self.buffer.free()
@@ -49,9 +62,10 @@ def make_calibrator(state: Calibration) -> "trt.IInt8EntropyCalibrator2":
     """An IInt8EntropyCalibrator2 over `state`; it never raises into TensorRT (see `callbacks`).
 
     TensorRT calls `read_calibration_cache` first; when a cache is given it is used and no image is read.
-    Otherwise `get_batch` copies one image to the GPU per call and returns its device pointer, and None once
-    the images are exhausted -- or once anything went wrong, the error then held in `state.held` for the
-    builder's caller to raise; TensorRT hands the new cache to `write_calibration_cache`.
+    Otherwise `get_batch` copies one image to the GPU per call and returns its device pointer (for the input
+    name TensorRT passes), and None once the images are exhausted -- or once anything went wrong, the error then
+    held in `state.held` for the builder's caller to raise; TensorRT hands the new cache to
+    `write_calibration_cache`.
     """
     import tensorrt as trt
 
@@ -67,11 +81,10 @@ def make_calibrator(state: Calibration) -> "trt.IInt8EntropyCalibrator2":
             if state.held.error is not None:
                 return None
             try:
-                pointer = state.next_pointer()
+                return state.pointers(names)
             except BaseException as error:  # noqa: B036 - see callbacks
                 state.held.hold(error)
                 return None
-            return None if pointer is None else [pointer]
 
         def read_calibration_cache(self) -> Optional[bytes]:  # type: ignore[override]
             return state.cache_in

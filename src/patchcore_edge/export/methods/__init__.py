@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib
 from typing import Any, Dict, Sequence, Tuple
 
-from .base import FittedMethod, MethodExporter, MethodParameter, MethodSettings, NetworkInfo
+from .base import FittedMethod, MethodExporter, MethodExportError, MethodParameter, MethodSettings, NetworkInfo
 
 _EXPORTERS: Dict[str, str] = {
     "patchcore": "patchcore_edge.export.methods.patchcore:PatchCoreExporter",
+    "spade": "patchcore_edge.export.methods.spade:SpadeExporter",
+    "padim": "patchcore_edge.export.methods.padim:PadimExporter",
+    "patch_svdd": "patchcore_edge.export.methods.patch_svdd:PatchSVDD",
+    "multiscale": "patchcore_edge.export.methods.multiscale:Multiscale",
 }
 
 
@@ -44,4 +48,4 @@ def method_params(exporter: MethodExporter, pairs: Sequence[str]) -> Dict[str, A
     return values
 
 
-__all__ = ["MethodParameter", "method_params", "FittedMethod", "MethodExporter", "MethodSettings", "NetworkInfo", "exporter_names", "get_exporter"]
+__all__ = ["MethodParameter", "method_params", "FittedMethod", "MethodExportError", "MethodExporter", "MethodSettings", "NetworkInfo", "exporter_names", "get_exporter"]

@@ -20,6 +20,10 @@ Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
 
+class MethodExportError(ValueError):
+    """A method's network or fit that cannot go on; the message says why."""
+
+
 @dataclass(frozen=True)
 class NetworkInfo:
     """The exported network, as the manifest records it.
@@ -50,6 +54,11 @@ class FittedMethod:
     params: Dict[str, Any] = field(default_factory=dict)
     summary: Dict[str, Any] = field(default_factory=dict)
     training_scores: Optional[np.ndarray] = None
+    # Gaussian sigma of the pixel map when the method's inference fixes it (trained patch methods: 0, the
+    # paper's mean over covering patches); None: the export option.
+    map_sigma: Optional[float] = None
+    # The heat-map colour range of an uncalibrated bundle, where the image score is not on the map's scale.
+    map_range: Optional[Tuple[float, float]] = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,12 @@ class MethodParameter:
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """The export options every method may read (each method takes what applies to it)."""
+    """The export options every method may read (each method takes what applies to it).
+
+    A separate type so that methods never see the pipeline's own options (paths, --force, the engine); the
+    export builds it from ExportOptions by field name (`pipeline._settings`), so a field added here needs the
+    ExportOptions field of the same name, with the same default (tests/test_options.py).
+    """
 
     backbone: str = "mobilenet_v2"
     weights: Optional[str] = None
@@ -113,8 +127,11 @@ class MethodSettings:
     device_profile: Optional[str] = None
     dask: Optional[str] = None
     crop: int = 224
+    gaussian_sigma: float = 4.0  # the pixel map's blur (methods whose image score is taken on the map)
     # The method's own parameters (MethodExporter.parameters), parsed and complete (defaults filled in).
     method_params: Dict[str, Any] = field(default_factory=dict)
+    # Network inputs each nominal image gave, in order (a tiled export: its tiles); empty: one each.
+    pieces_per_image: Tuple[int, ...] = ()
 
 
 class MethodExporter(abc.ABC):
@@ -141,6 +158,10 @@ class MethodExporter(abc.ABC):
         """True when `network` trains on the images (they are then kept in memory before the feature pass)."""
         return False
 
+    def attach(self, progress: Progress, log: Log) -> None:
+        """The export's progress and log callbacks, before `network` (a method that trains reports through
+        them); the default ignores them."""
+
 
 def no_progress(stage: str, done: int, total: int) -> None:
     pass
@@ -150,5 +171,5 @@ def no_log(message: str) -> None:
     pass
 
 
-__all__: List[str] = ["FittedMethod", "MethodExporter", "MethodParameter", "MethodSettings", "NetworkInfo",
+__all__: List[str] = ["FittedMethod", "MethodExportError", "MethodExporter", "MethodParameter", "MethodSettings", "NetworkInfo",
                       "Progress", "Log"]

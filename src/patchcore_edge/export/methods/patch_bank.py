@@ -25,9 +25,10 @@ def index_file(scale: Scale) -> str:
 
 
 def fit_banks(outputs: Mapping[str, np.ndarray], scales: Sequence[Scale], coreset_ratio: Optional[float] = None,
-              seed: int = 0, log: Log = lambda _m: None, max_bank: Optional[int] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, bytes],
-                                                                    Dict[str, Any]]:
-    """(arrays, files, summary): per scale the bank [M, D] float32 and its index file bytes.
+              seed: int = 0, log: Log = lambda _m: None, max_bank: Optional[int] = None
+              ) -> Tuple[Dict[str, np.ndarray], Dict[str, bytes], Dict[str, Any], Dict[str, np.ndarray]]:
+    """(arrays, files, summary, origins): per scale the bank [M, D] float32, its index file bytes, and the
+    training image each bank row came from (int64 [M], for the leave-one-image-out training scores).
 
     outputs: each scale's embedding grids over the training images, [N, h, w, D].
     max_bank: cap on the bank rows per scale, reached by a seeded uniform sample of the embeddings (before
@@ -37,11 +38,13 @@ def fit_banks(outputs: Mapping[str, np.ndarray], scales: Sequence[Scale], corese
     arrays: Dict[str, np.ndarray] = {}
     files: Dict[str, bytes] = {}
     summary: Dict[str, Any] = {"coreset_ratio": coreset_ratio, "max_bank": max_bank, "banks": {}}
+    origins: Dict[str, np.ndarray] = {}
     for scale in scales:
         grids = np.asarray(outputs[scale.output], dtype=np.float32)
         if grids.ndim != 4:
             raise ValueError(f"output {scale.output!r} must be [N, h, w, D], got {grids.shape}")
         embeddings = np.ascontiguousarray(grids.reshape(-1, grids.shape[3]))
+        rows = np.arange(embeddings.shape[0])
         if max_bank is not None and embeddings.shape[0] > max_bank:
             rows = np.sort(np.random.default_rng(seed).choice(embeddings.shape[0], size=max_bank, replace=False))
             log(f"{scale.output}: uniform sample of {max_bank} / {embeddings.shape[0]} embeddings")
@@ -50,7 +53,9 @@ def fit_banks(outputs: Mapping[str, np.ndarray], scales: Sequence[Scale], corese
         if coreset_ratio is not None and coreset_ratio < 1.0:
             size = coreset_size(embeddings.shape[0], ratio=coreset_ratio)
             log(f"{scale.output}: coreset of {size} / {embeddings.shape[0]} embeddings")
-            bank = np.ascontiguousarray(embeddings[np.sort(greedy_coreset(embeddings, size, seed=seed))])
+            chosen = np.sort(greedy_coreset(embeddings, size, seed=seed))
+            bank = np.ascontiguousarray(embeddings[chosen])
+            rows = rows[chosen]
         log(f"{scale.output}: HNSW index over {bank.shape[0]} x {bank.shape[1]}")
         index = build_index(bank, seed=seed)
         with tempfile.TemporaryDirectory() as folder:
@@ -58,6 +63,7 @@ def fit_banks(outputs: Mapping[str, np.ndarray], scales: Sequence[Scale], corese
             save_index(index, path)
             files[index_file(scale)] = path.read_bytes()
         arrays[bank_key(scale)] = bank
+        origins[scale.output] = rows // (grids.shape[1] * grids.shape[2])
         summary["banks"][scale.output] = {"embeddings": int(grids.shape[0] * grids.shape[1] * grids.shape[2]),
                                           "sampled": int(embeddings.shape[0]), "bank": int(bank.shape[0])}
-    return arrays, files, summary
+    return arrays, files, summary, origins

@@ -22,13 +22,9 @@ from ..coreset_select import CoresetResult, capped_size, select_coreset
 from ..distributed import DaskUnavailable, dask_client, dask_runner
 from ..features import build_extractor
 from ..heldout import leave_one_image_out_scores
-from .base import FittedMethod, Log, MethodExporter, MethodSettings, NetworkInfo, Progress
+from .base import FittedMethod, Log, MethodExporter, MethodExportError, MethodSettings, NetworkInfo, Progress
 
 OUTPUT = "features"
-
-
-class MethodExportError(ValueError):
-    """A method's fit that cannot go on; the message says why."""
 
 
 class PatchCoreExporter(MethodExporter):
@@ -69,7 +65,8 @@ class PatchCoreExporter(MethodExporter):
         b = min(settings.reweight_neighbours, bank.shape[0])
         neighbours = search.bank_neighbours(bank, b).astype(np.int32)
         progress("index", 1, 3)
-        held_out = leave_one_image_out_scores(features, patches_per_image, selected, bank, neighbours)
+        held_out = leave_one_image_out_scores(features, patches_per_image, selected, bank, neighbours,
+                                              pieces_per_image=settings.pieces_per_image or None)
         progress("index", 2, 3)
         index_params = {
             "M": settings.hnsw_m or search.DEFAULT_M,

@@ -4,9 +4,10 @@ channels last. SPADE and PaDiM both use it (neither averages neighbourhoods, unl
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
+import torchvision
 import torch.nn.functional as F
 
 from ...preprocess import InputSpec
@@ -40,9 +41,14 @@ def last_stage(backbone: str) -> str:
 
 def probe_shapes(module: torch.nn.Module, spec: InputSpec) -> List[Tuple[int, ...]]:
     with torch.no_grad():
-        out = module.eval()(torch.zeros(1, 3, spec.crop, spec.crop))
+        out = module.eval()(torch.zeros(1, 3, spec.height, spec.width))
     tensors: List[torch.Tensor] = list(out) if isinstance(out, (tuple, list)) else [out]
     return [tuple(int(v) for v in t.shape[1:]) for t in tensors]
+
+
+def backbone_manifest(backbone: str, weights: WeightsInfo) -> Dict[str, Any]:
+    """The manifest's `backbone` section (as PatchCore's extractor records it)."""
+    return {"name": backbone, "torchvision": torchvision.__version__, "weights": weights.to_manifest()}
 
 
 def frozen(module: torch.nn.Module) -> torch.nn.Module:
@@ -50,4 +56,4 @@ def frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-__all__ = ["pyramid_grid", "build_body", "last_stage", "probe_shapes", "frozen"]
+__all__ = ["pyramid_grid", "build_body", "last_stage", "probe_shapes", "backbone_manifest", "frozen"]
