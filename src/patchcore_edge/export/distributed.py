@@ -15,6 +15,8 @@ import contextlib
 import math
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
+import numpy as np
+
 from ..imageio import ImageReadError
 from .coreset_cells import CellResult, CellRunner, CellTask, cell_greedy
 
@@ -87,7 +89,6 @@ def extract_on_dask(client: Any, extract: Callable[..., Extracted], network: Any
                     progress: Callable[[str, int, int], None]) -> Extracted:
     """`extract(network, output_names, paths, spec, batch_size, "cpu", progress)` (export/pipeline.py's
     extract_outputs) on the cluster: runs of whole batches of images per task, results in image order."""
-    import numpy as np
     from dask.distributed import as_completed
 
     workers = max(1, len(client.scheduler_info().get("workers", {})))

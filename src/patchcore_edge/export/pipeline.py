@@ -21,6 +21,7 @@ from ..devices.engine import build_engine_into
 from ..imageio import ImageReadError, decode_rgb, list_images, read_image_bytes
 from ..preprocess import InputSpec
 from ..stats import quantiles
+from .distributed import DaskUnavailable, dask_client, extract_on_dask
 from .methods.base import MethodSettings
 
 # Fewer good images than this cannot describe "normal": refuse rather than ship a bundle that alarms on everything.
@@ -265,8 +266,6 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
     start = time.perf_counter()
     if options.dask:  # the feature pass on the cluster's CPUs (export/distributed.py)
-        from .distributed import DaskUnavailable, dask_client, extract_on_dask
-
         try:
             with dask_client(options.dask) as client:
                 outputs, used, hashes, read_errors, samples, pieces_per_image = extract_on_dask(
