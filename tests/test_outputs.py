@@ -76,11 +76,15 @@ def test_map_scale_priority() -> None:
         return scale.high
 
     assert high(Thresholds(1.0, 0.8)) == pytest.approx(1.6)
-    assert high(Thresholds(1.0, None)) == pytest.approx(2.0)
-    assert high({"image": {"threshold": 3.0}, "pixel": None}) == pytest.approx(6.0)
     scale = map_scale_for(bundle, None)
     assert scale is not None and (scale.low, scale.high) == (0.5, 4.0)
+    # A manifest map range (SPADE: its image score is not on the map's scale) beats the image threshold.
+    ranged = map_scale_for(bundle, Thresholds(1.0, None))
+    assert ranged is not None and (ranged.low, ranged.high) == (0.5, 4.0)
     del score["map_range"]
+    bundle = _bundle(score, 2.5)
+    assert high(Thresholds(1.0, None)) == pytest.approx(2.0)
+    assert high({"image": {"threshold": 3.0}, "pixel": None}) == pytest.approx(6.0)
     assert map_scale_for(_bundle(score, 2.5), None).high == pytest.approx(3.0)  # type: ignore[union-attr]
     assert map_scale_for(_bundle({}, 2.5), None).high == pytest.approx(5.0)  # type: ignore[union-attr]
     assert map_scale_for(_bundle({}, float("nan")), None) is None
