@@ -48,8 +48,10 @@ def _argument(flag: str) -> Optional[str]:
 
 REPO = Path(__file__).resolve().parents[1]
 # A child process timing the older code imports patchcore_edge from that tree instead of this one.
+# `--src installed` times the installed package (the user's `pip install patchcore-edge`), not this tree.
 SRC = Path(_argument("--src") or REPO / "src")
-sys.path.insert(0, str(SRC))
+if str(SRC) != "installed":
+    sys.path.insert(0, str(SRC))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -852,6 +854,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     for hidden in ("--rss-child", "--with-torch", "--whole-batch", "--stage-child"):
         parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--src", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--anomalib", type=Path, help="anomalib's exported PatchCore ONNX (benchmarks/anomalib_export.py): "
+                        "only time it side by side with the bundle, quiet and under a competing load, and write "
+                        "--out (skips with the reason when the file or onnxruntime is absent)")
     args = parser.parse_args(argv)
     args.argv = list(argv)
     if args.quick:
@@ -895,6 +900,9 @@ def measure(args: argparse.Namespace, limit: Optional[int]) -> Dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
     args = parse(argv)
     limit = QUICK_IMAGES if args.quick else None
+    if args.anomalib is not None:
+        from _side_by_side import side_by_side
+        return side_by_side(args, test_images(args.data, limit))
     if args.rss_child:
         return rss_child(args, limit)
     if args.stage_child:
