@@ -31,11 +31,14 @@ def uptime() -> str:
     return Path("/proc/loadavg").read_text().split(" ")[:3].__str__()
 
 
+USE_LOCK = True
+
+
 def run(args: List[str], locked: bool = False, nice: int = 0) -> subprocess.CompletedProcess:
     command = list(args)
     if nice:
         command = ["nice", "-n", str(nice)] + command
-    if locked and LOCK.exists():
+    if locked and USE_LOCK and LOCK.exists():
         command = ["flock", str(LOCK)] + command
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.run(command, env=env, capture_output=True, text=True)
@@ -63,13 +66,23 @@ def main() -> None:
     parser.add_argument("--max-bank", type=int, default=20000)
     parser.add_argument("--coreset-ratio", type=float, default=1.0)
     parser.add_argument("--patchcore", type=Path, default=None, help="evaluate this PatchCore bundle instead")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="evaluate this trained bundle (exported before) instead of exporting one")
+    parser.add_argument("--no-lock", action="store_true", help="do not wait for the shared benchmark lock")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "trained_methods")
     args = parser.parse_args()
+    global USE_LOCK
+    USE_LOCK = not args.no_lock
     args.out.mkdir(parents=True, exist_ok=True)
     record: Dict[str, Any] = {"load_before": uptime(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if args.patchcore is not None:
-        record.update(method="patchcore", bundle=str(args.patchcore), bundle_mb=folder_mb(args.patchcore))
-        record.update(evaluate(args.patchcore, args.data, args.out / "patchcore.eval.json"))
+    record["bench_lock"] = USE_LOCK
+    if args.patchcore is not None or args.bundle is not None:
+        given = args.patchcore if args.patchcore is not None else args.bundle
+        manifest = json.loads((given / "manifest.json").read_text())
+        record.update(method=manifest["method"]["name"], bundle=str(given), bundle_mb=folder_mb(given),
+                      training=manifest["method"]["params"].get("training"),
+                      banks=manifest["method"]["params"].get("banks"))
+        record.update(evaluate(given, args.data, args.out / f"{given.name}.eval.json"))
     else:
         name = f"{args.method}_{args.minutes:g}min_cr{args.coreset_ratio:g}"
         bundle = args.out / name
