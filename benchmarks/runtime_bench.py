@@ -176,7 +176,7 @@ def timed_pass(detector: Detector, clock: SearchClock, images: Sequence[np.ndarr
 def stage_timing(bundle: Path, images: Sequence[np.ndarray], threads: int, runs: int,
                  configs: Sequence[Tuple[int, bool]] = CONFIGS) -> Dict[str, Any]:
     detector = open_detector(bundle, threads)
-    clock = SearchClock(detector.search)
+    clock = SearchClock(detector.scorer.search)
     for batch, maps in configs:  # warm-up: ORT arena, caches, first hnswlib threads
         timed_pass(detector, clock, images[:16], batch, maps)
     passes: Dict[str, List[Dict[str, float]]] = defaultdict(list)
@@ -207,10 +207,15 @@ def decode_timing(paths: Sequence[Path], runs: int) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------- accuracy
 
 
+def features_of(detector: Detector, batch: np.ndarray) -> np.ndarray:
+    """The PatchCore feature grid of a batch (backends return every network output by name)."""
+    return detector.backend.run(batch)[detector.scorer.output_name]
+
+
 def patch_features(detector: Detector, images: Sequence[np.ndarray]) -> List[np.ndarray]:
     from patchcore_edge.preprocess import preprocess
 
-    grids = [detector.backend.features(preprocess(image, detector.spec)[None]) for image in images]
+    grids = [features_of(detector, preprocess(image, detector.spec)[None]) for image in images]
     return [grid.reshape(-1, grid.shape[-1]) for grid in grids]
 
 
@@ -226,12 +231,12 @@ def search_accuracy(bundle: Path, images: Sequence[np.ndarray], threads: int) ->
     approx = np.array([r.score for r in scores_of(approx_det, images)])
     exact = np.array([r.score for r in scores_of(exact_det, images)])
     exact_det.close()
-    search = approx_det.search
+    search = approx_det.scorer.search
     features = patch_features(approx_det, images)
     flat = np.concatenate(features)
     approx_d, approx_rows = search.nearest(flat)
     exact_d, exact_rows = search.exact_nearest(flat)
-    reranked = {image_scores(p[None], search, approx_det.neighbours, approx_det.rerank)[0].reranked
+    reranked = {image_scores(p[None], search, approx_det.scorer.neighbours, approx_det.scorer.rerank)[0].reranked
                 for p in features}
     excess = approx_d / np.maximum(exact_d, 1e-12) - 1.0
     search_ms: Dict[str, List[float]] = {"hnsw": [], "exact": []}
@@ -262,9 +267,10 @@ def reference_parity(bundle: Path, images: Sequence[np.ndarray], threads: int) -
     spec = InputSpec.from_manifest(manifest["input"])
     extractor, _ = build_extractor(manifest["backbone"]["name"], None, spec, int(manifest["features"]["dim"]),
                                    layers=tuple(manifest["layers"]))
-    size, dim = int(manifest["coreset"]["size"]), int(manifest["features"]["dim"])
+    params = manifest["method"]["params"]
+    size, dim = int(params["coreset"]["size"]), int(manifest["features"]["dim"])
     bank = load_array(bundle, "memory_bank.npy", np.float32, (size, dim))
-    b = int(manifest["score"]["reweight_neighbours"])
+    b = int(params["reweight_neighbours"])
     neighbours = load_array(bundle, "bank_neighbours.npy", np.int32, (size, b))
     sigma = float(manifest["score"]["gaussian_sigma"])
     expected = [e for chunk in chunks(images, 8)
@@ -490,7 +496,7 @@ def map_ideas(detector: Detector, images: Sequence[np.ndarray], rounds: int) -> 
     from patchcore_edge.maps import anomaly_map, gaussian_kernel_size
     from patchcore_edge.scoring import image_scores
 
-    grids = [image_scores(p[None], detector.search, detector.neighbours)[0].patch_distances.reshape(detector.grid)
+    grids = [image_scores(p[None], detector.scorer.search, detector.scorer.neighbours)[0].patch_distances.reshape(detector.scorer.grid)
              for p in patch_features(detector, images[:8])]
     crop, sigma = detector.spec.crop, detector.sigma
     kernel = cv2.getGaussianKernel(gaussian_kernel_size(sigma), sigma, cv2.CV_32F)
@@ -563,8 +569,8 @@ def ort_ideas(bundle: Path, images: Sequence[np.ndarray], threads: int, rounds: 
     def chained(session: Any) -> Callable[[np.ndarray], Any]:
         def run(x: np.ndarray) -> Any:
             grid = session.run([features["output_name"]], {features["input_name"]: x})[0]
-            scored = image_scores(grid.reshape(1, -1, grid.shape[-1]), detector.search, detector.neighbours)
-            return anomaly_map(scored[0].patch_distances.reshape(detector.grid), detector.spec.crop)
+            scored = image_scores(grid.reshape(1, -1, grid.shape[-1]), detector.scorer.search, detector.scorer.neighbours)
+            return anomaly_map(scored[0].patch_distances.reshape(detector.scorer.grid), detector.spec.crop)
         return run
 
     first = compare({name: alone(s) for name, s in sessions.items()}, inputs, rounds)
@@ -586,7 +592,7 @@ def run_batch_ideas(detector: Detector, inputs: np.ndarray, rounds: int) -> List
     def in_runs(step: int) -> Callable[[np.ndarray], Any]:
         def run(batch: np.ndarray) -> Any:
             backend.run_batch = step  # type: ignore[attr-defined]
-            return backend.features(batch)
+            return features_of(detector, batch)
         return run
 
     batches = [inputs[start:start + 8] for start in range(0, len(inputs) - 7, 8)]
@@ -611,7 +617,7 @@ def thread_ideas(bundle: Path, images: Sequence[np.ndarray], threads: int, round
     def variant(blas: Optional[int], knn: int) -> Callable[[Sequence[np.ndarray]], Any]:
         def run(chunk: Sequence[np.ndarray]) -> Any:
             search_module.blas_threads = rule if blas is None else (lambda _: rule(blas))  # type: ignore
-            detector.search.set_threads(knn)
+            detector.scorer.search.set_threads(knn)
             return detector.predict_batch(chunk)
         return run
 
@@ -873,8 +879,8 @@ def measure(args: argparse.Namespace, limit: Optional[int]) -> Dict[str, Any]:
         "machine": machine(), "load_start": load(), "n_images": len(images),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "bundle": f"MobileNetV2 {'+'.join(manifest['layers'])}, {manifest['features']['dim']} dims, bank of "
-                  f"{manifest['coreset']['size']:,} vectors, hnswlib M {manifest['index']['M']}, ef "
-                  f"{manifest['index']['ef']}"}
+                  f"{manifest['method']['params']['coreset']['size']:,} vectors, first pass: the bank's k-means cells "
+                  "(index.hnsw not read by this runtime)"}
     steps: List[Tuple[str, Callable[[], Any]]] = [
         ("decode", lambda: decode_timing(paths, args.runs)),
         ("stages", lambda: stage_timing(args.bundle, images, args.threads, args.runs)),

@@ -31,7 +31,8 @@ from patchcore_edge.bundle import Bundle  # noqa: E402
 from patchcore_edge.imageio import read_rgb  # noqa: E402
 from patchcore_edge.preprocess import preprocess  # noqa: E402
 from patchcore_edge.scoring import image_scores  # noqa: E402
-from patchcore_edge.search import PatchSearch, blas_threads, build_index, row_distances  # noqa: E402
+from patchcore_edge.search import (CellIndex, PatchSearch, blas_threads, build_index, default_cells,  # noqa: E402
+                                  row_distances)
 from _machine import cpu_model  # noqa: E402
 
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
@@ -127,7 +128,14 @@ def float16_pass(bank: np.ndarray, threads: int) -> Callable[[np.ndarray], np.nd
 def exact_pass(search: PatchSearch, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     def run(q: np.ndarray) -> np.ndarray:
         search.set_threads(threads)
-        return search._exact_rows(q)
+        return search.exact_nearest(q)[1]
+    return run
+
+
+def cells_pass(cells: CellIndex, probes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The runtime's first pass (search.CellIndex): one BLAS thread."""
+    def run(q: np.ndarray) -> np.ndarray:
+        return cells.nearest_rows(q, probes)
     return run
 
 
@@ -157,7 +165,7 @@ def quality(call: Callable[[np.ndarray], np.ndarray], bank: np.ndarray, queries:
 
 def score_check(bank: np.ndarray, index: Any, queries: np.ndarray, ef: int) -> str:
     neighbours = np.tile(np.arange(bank.shape[0], dtype=np.int32)[:, None], (1, 1))
-    fast = PatchSearch(bank, index, ef=ef, threads=1)
+    fast = PatchSearch(bank, index, ef=ef, threads=1) if index is not None else PatchSearch.with_cells(bank, threads=1)
     exact = PatchSearch(bank, None, threads=1)
     a = image_scores(queries, fast, neighbours)
     b = image_scores(queries, exact, neighbours)
@@ -167,16 +175,23 @@ def score_check(bank: np.ndarray, index: Any, queries: np.ndarray, ef: int) -> s
 
 def bench(name: str, bank: np.ndarray, index: Any, queries: np.ndarray, rounds: int, small: bool) -> List[str]:
     search = PatchSearch(bank, index)
-    exact_rows = np.concatenate([search._exact_rows(q) for q in queries])
+    exact_rows = np.concatenate([search.exact_nearest(q)[1] for q in queries])
     exact = row_distances(queries.reshape(-1, queries.shape[-1]), bank[exact_rows])
     nlist = int(4 * np.sqrt(bank.shape[0]))
     options: Dict[str, Callable[[np.ndarray], np.ndarray]] = {}
-    for threads in (1, 2):
-        options[f"float32 BLAS brute force, {threads} thr"] = exact_pass(search, threads)
-        for ef in (8, 16, 32, 64):
-            options[f"hnswlib ef {ef}, {threads} thr"] = hnswlib_pass(index, ef, threads)
+    k = default_cells(bank.shape[0])
+    for count in sorted({k // 2, k, 2 * k}):
+        start = time.process_time()
+        cells = CellIndex(bank, count)
+        built = (time.process_time() - start) * 1000
+        for probes in (2, 3, 4):
+            options[f"k-means cells {count} (built in {built:.0f} CPU ms), {probes} probes, 1 thr"] = cells_pass(
+                cells, probes)
+    options["float32 BLAS brute force, 1 thr"] = exact_pass(search, 1)
+    for ef in (8, 16, 32, 64):
+        options[f"hnswlib ef {ef}, 1 thr"] = hnswlib_pass(index, ef, 1)
     try:
-        for threads in (1, 2):
+        for threads in (1,):
             for nprobe in (4, 8, 16):
                 options[f"faiss IVFFlat nlist {nlist} nprobe {nprobe}, {threads} thr"] = faiss_ivf(
                     bank, nlist, nprobe, threads)
@@ -187,7 +202,15 @@ def bench(name: str, bank: np.ndarray, index: Any, queries: np.ndarray, rounds: 
         pass
     options["PCA 16-d projection + BLAS, 1 thr"] = projected_pass(bank, 16, 1)
     options["PCA 32-d projection + BLAS, 1 thr"] = projected_pass(bank, 32, 1)
-    times = timed(options, queries, rounds)
+    # The whole search as the runtime runs it: first pass + exact re-rank (scoring.image_scores), one image a call.
+    neighbours = np.tile(np.arange(bank.shape[0], dtype=np.int32)[:, None], (1, 1))
+    runtime = PatchSearch.with_cells(bank, threads=1)
+    whole: Dict[str, Callable[[np.ndarray], Any]] = {
+        f"runtime search: cells {runtime.index.cells}, {runtime.ef} probes + exact re-rank (image_scores), 1 thr":
+            lambda q: image_scores(q[None], runtime, neighbours),
+        "hnswlib ef 32 + exact re-rank (image_scores), 1 thr":
+            lambda q: image_scores(q[None], PatchSearch(bank, index, ef=32, threads=1), neighbours)}
+    times = timed({**options, **whole}, queries, rounds)
     # numpy has no float16 BLAS kernel (a generic loop): one call, for the record.
     half = float16_pass(bank, 1)
     start = time.process_time()
@@ -197,12 +220,17 @@ def bench(name: str, bank: np.ndarray, index: Any, queries: np.ndarray, rounds: 
     lines = [f"## {name}", "", "| first pass | CPU ms per image | vs float32 brute force 1 thr | recall@1 "
              "(distance equal to exact) | worst / mean over-estimate |", "|---|---|---|---|---|"]
     for option, ms in times.items():
+        if option in whole:
+            lines.append(f"| **{option}** | {ms:.2f} | **{base / ms:.1f}x** | image score exact | - |")
+            continue
         q = quality(options[option], bank, queries, exact)
         lines.append(f"| {option} | {ms:.2f} | {base / ms:.1f}x | {q['recall']:.4f} | "
                      f"{q['excess_max']:.3f} / {q['excess_mean']:.1e} |")
     lines += ["", f"float16 bank with numpy matmul (no float16 BLAS in numpy): {half_ms:.0f} CPU ms for one image.",
               "", "Image scores (hnswlib ef 16 first pass + the exact re-rank): "
-              + score_check(bank, index, queries, 16), ""]
+              + score_check(bank, index, queries, 16),
+              "", "Image scores (the runtime's default: k-means cells, default probes, + the exact re-rank): "
+              + score_check(bank, None, queries, 0), ""]
     return lines
 
 
@@ -212,30 +240,40 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=BOTTLE)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--queries", type=int, default=12)
+    parser.add_argument("--extra", nargs=3, action="append", default=[], metavar=("NAME", "BUNDLE", "DATA"),
+                        help="another bank: a bundle and a folder whose test/*/*.png give the queries")
+    parser.add_argument("--no-100k", action="store_true", help="skip the 100k bank")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    bundle = Bundle.load(args.bundle)
-    tests = sorted((args.data / "test").glob("*/*.png"))
-    pick = np.random.default_rng(0).choice(len(tests), args.queries, replace=False)
-    queries = features_of(bundle, [tests[i] for i in sorted(pick)])
     load = [os.getloadavg()[0]]
-    bank = np.ascontiguousarray(bundle.method_array("memory_bank"), dtype=np.float32)
-    from patchcore_edge.search import load_index
-    index = load_index(bundle.method_file("index"), bank.shape[1], bank.shape[0])
     lines = [f"# Search first-pass options (issue 13)", "",
              f"- Machine: {cpu_model()}, {os.cpu_count()} logical CPUs shared with other agents",
-             f"- Command: `{' '.join(sys.argv)}`", f"- Queries: {len(queries)} bottle test images x 784 patches",
-             ""]
-    lines += bench(f"bottle bank {bank.shape[0]} x {bank.shape[1]} (bundle {args.bundle})", bank, index, queries,
-                   args.runs, True)
-    train = features_of(bundle, sorted((args.data / "train" / "good").glob("*.png")))
-    flat = train.reshape(-1, train.shape[-1])
-    big = np.ascontiguousarray(flat[np.sort(np.random.default_rng(1).choice(flat.shape[0], 100_000, replace=False))])
-    start = time.time()
-    big_index = build_index(big, threads=2)
-    lines.append(f"100k index built in {time.time() - start:.0f} s (2 threads)")
-    lines += bench(f"100k x {big.shape[1]} bank (random subset of the training patches)", big, big_index, queries,
-                   args.runs, False)
+             f"- Command: `{' '.join(sys.argv)}`",
+             f"- Queries: {args.queries} test images x their patches per bank; CPU ms per image, median of {args.runs} "
+             "rounds in which the options take turns", ""]
+    first = None
+    for name, bundle_dir, data in [("bottle", str(args.bundle), str(args.data)), *args.extra]:
+        bundle = Bundle.load(Path(bundle_dir))
+        tests = sorted((Path(data) / "test").glob("*/*.png"))
+        pick = np.random.default_rng(0).choice(len(tests), min(args.queries, len(tests)), replace=False)
+        queries = features_of(bundle, [tests[i] for i in sorted(pick)])
+        bank = np.ascontiguousarray(bundle.method_array("memory_bank"), dtype=np.float32)
+        from patchcore_edge.search import load_index
+        index = load_index(bundle.method_file("index"), bank.shape[1], bank.shape[0])
+        lines += bench(f"{name} bank {bank.shape[0]} x {bank.shape[1]} (bundle {bundle_dir})", bank, index, queries,
+                       args.runs, True)
+        first = first or (bundle, queries)
+    if not args.no_100k:
+        bundle, queries = first
+        train = features_of(bundle, sorted((args.data / "train" / "good").glob("*.png")))
+        flat = train.reshape(-1, train.shape[-1])
+        big = np.ascontiguousarray(flat[np.sort(np.random.default_rng(1).choice(flat.shape[0], 100_000,
+                                                                                  replace=False))])
+        start = time.time()
+        big_index = build_index(big, threads=2)
+        lines.append(f"100k hnswlib index built in {time.time() - start:.0f} s (2 threads)")
+        lines += bench(f"100k x {big.shape[1]} bank (random subset of the bottle training patches)", big, big_index,
+                       queries, args.runs, False)
     load.append(os.getloadavg()[0])
     lines.insert(4, f"- Load average (1 min) before / after: {load[0]:.2f} / {load[1]:.2f}; "
                     f"uptime after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")

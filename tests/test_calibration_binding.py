@@ -62,10 +62,13 @@ def test_calibration_records_what_produced_its_scores(calibrated: Dict[str, Path
     from patchcore_edge import __version__
 
     scored_with = _record(calibrated["bundle"])["scored_with"]
+    probes = scored_with["method"].get("probes")
+    assert isinstance(probes, int) and probes >= 1  # cells probed per patch by the first pass
     assert scored_with == {"backend": "onnxruntime:cpu", "engine_file": None, "engine_sha256": None,
-                           "precision": "fp32", "method": {"ef": 32, "exact_search": False},
+                           "precision": "fp32", "method": {"search": "cells", "probes": probes, "exact_search": False},
                            "toolkit_version": __version__}
     with Detector.load(calibrated["bundle"], backend="onnxruntime") as same:
+        assert same.scored_with["method"]["probes"] == probes
         assert same.calibration is not None and same.calibration_refused is None
         assert same.predict(np.full((96, 96, 3), 128, np.uint8)).is_anomalous is not None
 
@@ -81,7 +84,9 @@ def test_another_search_setting_keeps_scores_and_refuses_decisions(calibrated: D
     assert result.score == expected  # scores still flow (and are the same: issue 11, item 2)
     assert result.is_anomalous is None and result.normalised_score is None and result.mask is None
     assert reason is not None and "\n" not in reason
-    assert "search settings (ef 32, exact_search False) at calibration, (ef 32, exact_search True) now" in reason
+    probes = same.scored_with["method"]["probes"]
+    assert (f"search settings (exact_search False, probes {probes}, search cells) at calibration, "
+            "(exact_search True, probes none, search exact) now") in reason
     assert "patchcore-edge calibrate" in reason
 
 

@@ -1,21 +1,22 @@
 """PatchCore scores from patch features: exact image score via a provable re-rank, re-weighting, pixel map.
 
 Why the re-rank is exact: `PatchSearch.nearest` returns, for every patch, the distance to *some* bank row
-(the one hnswlib found), so each approximate distance a_i is >= the exact nearest distance e_i. Patches are
-sorted by a_i; the top r are searched exactly. If the largest exact value found, E, is >= a_j for every
-patch j not yet searched, then e_j <= a_j <= E for all of them, so E is the exact maximum over the image.
+(the one the first pass found: k-means cells or hnswlib), so each approximate distance a_i is >= the exact
+nearest distance e_i. Patches are sorted by a_i; the top r are searched exactly. If the largest exact value
+found, E, is >= a_j for every patch j not yet searched, then e_j <= a_j <= E for all of them, so E is the exact maximum over the image.
 Patches tied with E (a_j == E) are searched too, so that the patch chosen as p* (first index attaining the
 maximum) is the one a full exact search would choose. Otherwise r doubles (capped at the patches whose a_j
 still reaches E) until the condition holds, at worst after every patch was searched exactly.
 
-Why the re-weighted score is the same in every mode (HNSW at any ef, exact search, any batch): the weight depends
-on *which* bank row m* is nearest to p*, and two rows a few ulps apart are picked differently by hnswlib and by
-BLAS (whose rounding also changes with the batch). So p*, s* and m* are finally fixed by a rule that depends on
-the patch features and the bank alone: `PatchSearch.canonical_nearest` (the smallest `row_distances` value, the
-lowest row number among equal ones) gives c_j for the patches in decreasing order of their distance so far d_j,
-until the next d_j is below the largest c found. Every d_j is a `row_distances` value to some bank row, so
-c_j <= d_j bit for bit, and no patch left out can beat (or tie) it. p* is the lowest patch index attaining the
-largest c_j, s* that value and m* its row.
+Why the re-weighted score is the same in every mode (any first pass at any breadth, exact search, any batch): the
+weight depends on *which* bank row m* is nearest to p*, and two rows a few ulps apart are picked differently by a
+first pass and by BLAS (whose rounding also changes with the batch). So every exact search returns the row fixed by
+a rule that depends on the patch features and the bank alone: `PatchSearch.exact_nearest` gives c_j, the smallest
+`row_distances` value, the lowest row number among equal ones. When the re-rank stops, every patch whose distance
+so far a_j reaches the largest c found, E, has been searched exactly (ties a_j == E included), and every other
+patch has c_j <= a_j < E (each a_j is a `row_distances` value to some bank row, so c_j <= a_j bit for bit): no patch
+left out can beat or tie E. p* is the lowest patch index attaining E, s* = E and m* its row; patches searched only
+for the map (below) were not searched before, so their c_j <= a_j < E cannot change that.
 
 Why calibrated masks are the same in every mode: a pixel of the anomaly map is a weighted mean (weights >= 0,
 summing to 1) of the patch distances within `reach` cells of it (`maps.map_reach_cells`). Given the pixel
@@ -24,8 +25,8 @@ searched exactly. A pixel above t then has a contributing patch above t (a mean 
 term), whose distance so far is above t too (it only falls when made exact), so all its contributors lie within
 2 * reach of that patch and are exact: the pixel has its exact value. A pixel at or below t is at or below it
 exactly as well (distances so far are never below exact). So the mask `map > t` equals exact search's. Without
-a pixel threshold (no calibration) the patches outside the re-ranked set keep hnswlib's distances: the heat map
-is an upper bound of exact search's, equal at the maximum, and may change with `ef`.
+a pixel threshold (no calibration) the patches outside the re-ranked set keep the first pass's distances: the heat
+map is an upper bound of exact search's, equal at the maximum, and may change with the first pass and its breadth.
 
 Runs on the device: numpy only. The pixel map from patch distances is `patchcore_edge.maps`.
 """
@@ -40,7 +41,9 @@ import numpy as np
 
 from .search import PatchSearch, row_distances
 
-DEFAULT_RERANK = 8
+# Patches searched exactly in the first re-rank round (then doubling): with the cells' first pass 76 of the 83 bottle
+# test images need 1, the others 2 (issue 13); each round is one exact search for every unfinished image of a batch.
+DEFAULT_RERANK = 1
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class PatchScores:
     score: PatchCore image score, weight * max_distance.
     max_distance: s* = max over patches of the exact nearest-bank distance.
     patch_distances: float32 [P] nearest-bank distance per patch; exact for the `reranked` patches checked
-        exactly (always including the maximum), hnswlib's (never smaller than exact) for the others.
+        exactly (always including the maximum), the first pass's (never smaller than exact) for the
+        others.
     argmax: index of p* among the P patches. nearest_bank_index: m*, the bank row nearest to p*.
     reranked: how many patches were searched exactly. weight: the re-weighting factor w.
     """
@@ -91,7 +95,7 @@ def image_score(patch_features: np.ndarray, search: PatchSearch, reweight_neighb
 def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neighbours: np.ndarray,
                  rerank: int = DEFAULT_RERANK, valid: Optional[np.ndarray] = None, exact_above: Optional[float] = None,
                  grid: Optional[Tuple[int, int]] = None, reach: int = 0) -> List[PatchScores]:
-    """Exact PatchCore scores of a batch [B, P, D]: one hnswlib query for all B*P patches, then re-rank
+    """Exact PatchCore scores of a batch [B, P, D]: one first-pass query for all B*P patches, then re-rank
     rounds that search the patches of all unfinished images in one exact call each.
 
     `valid` (bool [B, P], optional): patches that may score; the others (letterbox padding, outside the region
@@ -129,13 +133,10 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
         rows = [order[i, done[i]:target[i]] for i in images]
         which = np.repeat(images, [len(r) for r in rows])
         cols = np.concatenate(rows)
+        # Exact and canonical (search.PatchSearch.exact_nearest), never above the first pass's distance.
         exact, exact_idx = search.exact_nearest(flat[which * patches + cols])
-        # Keep hnswlib's row where it is strictly closer: both are true distances to bank rows, and this
-        # keeps "exact <= approximate" even where rounding in the BLAS expansion picked a near-tie. Equal
-        # distances take the exact search's row, as a full exact search would.
-        better = exact <= approx[which, cols]
-        distances[which, cols] = np.where(keep[which, cols], np.where(better, exact, approx[which, cols]), 0.0)
-        nearest[which, cols] = np.where(better, exact_idx, nearest[which, cols])
+        distances[which, cols] = np.where(keep[which, cols], exact, np.float32(0.0))
+        nearest[which, cols] = exact_idx
         done[images] = target[images]
         for i in images:
             best = distances[i, order[i, :done[i]]].max()
@@ -143,16 +144,19 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
             reachable = int(np.count_nonzero(approx[i] >= best))
             target[i] = done[i] if reachable <= done[i] else min(2 * done[i], reachable)
 
+    # p*: the lowest patch index attaining the largest distance; every patch that could reach it is exact by now
+    # (module docstring), so this is the exact-search rule. An image without a valid patch scores 0 at patch 0.
+    argmax = distances.argmax(axis=1)
+    image_rows = np.arange(batch)
+    s_star = distances[image_rows, argmax].astype(np.float32)
+    m_star = nearest[image_rows, argmax].astype(np.int64)
     if exact_above is not None and not search.is_exact:
         checked = np.zeros((batch, patches), dtype=bool)
         for image in range(batch):
             checked[image, order[image, :done[image]]] = True
-        _exact_near_level(flat, search, approx, distances, nearest, checked, float(exact_above),
-                          grid or (1, patches), int(reach))
+        _exact_near_level(flat, search, distances, nearest, checked, float(exact_above), grid or (1, patches),
+                          int(reach))
         distances = np.where(keep, distances, np.float32(0.0))  # the rule may have searched invalid neighbours
-    argmax, s_star, m_star = _canonical_maximum(flat.reshape(batch, patches, dim), distances, nearest, search,
-                                                keep)
-    image_rows = np.arange(batch)
     support = neighbours[m_star].astype(np.int64)
     if support.min() < 0 or support.max() >= search.count:
         raise ValueError("re-weighting neighbours hold row numbers outside the memory bank")
@@ -169,36 +173,8 @@ def image_scores(patch_features: np.ndarray, search: PatchSearch, reweight_neigh
             for i in range(batch)]
 
 
-def _canonical_maximum(features: np.ndarray, distances: np.ndarray, nearest: np.ndarray, search: PatchSearch,
-                       keep: np.ndarray) -> tuple:
-    """(p*, s*, m*) per image by the mode-independent rule of the module docstring; updates the checked patches'
-    entries of `distances` and `nearest` (in place) to their canonical values. Patches outside `keep` never
-    count; an image without a valid patch gets s* = 0 at patch 0."""
-    batch = features.shape[0]
-    argmax = np.empty(batch, dtype=np.int64)
-    s_star = np.empty(batch, dtype=np.float32)
-    m_star = np.empty(batch, dtype=np.int64)
-    for i in range(batch):
-        order = np.argsort(-distances[i], kind="stable")
-        best, best_patch, best_row = -1.0, -1, -1
-        for j in order:
-            if distances[i, j] < best:
-                break
-            if not keep[i, j]:
-                continue
-            value, row = search.canonical_nearest(features[i, j])
-            distances[i, j], nearest[i, j] = value, row
-            if value > best or (value == best and j < best_patch):
-                best, best_patch, best_row = value, int(j), row
-        if best_patch < 0:  # nothing may score
-            best_patch, best, best_row = 0, 0.0, int(nearest[i, 0])
-        argmax[i], s_star[i], m_star[i] = best_patch, best, best_row
-    return argmax, s_star, m_star
-
-
-def _exact_near_level(flat: np.ndarray, search: PatchSearch, approx: np.ndarray, distances: np.ndarray,
-                      nearest: np.ndarray, checked: np.ndarray, level: float, grid: Tuple[int, int], reach: int
-                      ) -> None:
+def _exact_near_level(flat: np.ndarray, search: PatchSearch, distances: np.ndarray, nearest: np.ndarray,
+                      checked: np.ndarray, level: float, grid: Tuple[int, int], reach: int) -> None:
     """Search exactly (in place) the unchecked patches within 2 * reach cells of a patch above `level`."""
     batch, patches = distances.shape
     if grid[0] * grid[1] != patches:
@@ -210,7 +186,4 @@ def _exact_near_level(flat: np.ndarray, search: PatchSearch, approx: np.ndarray,
     which, cols = np.nonzero(near & ~checked)
     if which.size == 0:
         return
-    exact, exact_idx = search.exact_nearest(flat[which * patches + cols])
-    better = exact <= approx[which, cols]
-    distances[which, cols] = np.where(better, exact, approx[which, cols])
-    nearest[which, cols] = np.where(better, exact_idx, nearest[which, cols])
+    distances[which, cols], nearest[which, cols] = search.exact_nearest(flat[which * patches + cols])

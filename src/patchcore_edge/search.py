@@ -1,8 +1,8 @@
-"""Nearest-neighbour search over the memory bank: hnswlib (approximate) and float32 BLAS (exact).
+"""Nearest-neighbour search over the memory bank: k-means cells or hnswlib (approximate), float32 BLAS (exact).
 
 Every distance this module returns is Euclidean (not squared), float32, and computed by one function,
-`row_distances`, from the query and the bank row it names. hnswlib only chooses *which* bank row; its own
-(squared, differently rounded) distance is discarded. That makes "an approximate distance is never smaller
+`row_distances`, from the query and the bank row it names. The first pass (cells or hnswlib) only chooses
+*which* bank row; its own (squared, differently rounded) value is discarded. That makes "an approximate distance is never smaller
 than the exact one" hold bit-for-bit in float32, which `scoring.image_scores` relies on for its re-rank proof.
 
 Runs on the device: numpy and hnswlib only (threadpoolctl is used when installed, to bound BLAS threads).
@@ -10,6 +10,7 @@ Runs on the device: numpy and hnswlib only (threadpoolctl is used when installed
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from contextlib import nullcontext
@@ -376,22 +377,147 @@ def index_resident_bytes(count: int, dim: int, m: int, search_threads: int = 1) 
     return int(count * (per_element + upper) + visited + _HNSW_LABEL_LOCKS * _MUTEX_BYTES)
 
 
+# ----------------------------------------------------------------------------------------------- cells
+# PatchCore's first pass (issue 13): k-means cells of the bank, derived from the bank when the bundle loads; each
+# patch is compared with the rows of the `probes` cells whose centres are nearest, one BLAS call per cell for all
+# the patches of a batch that probe it. Measured on the real bottle bank (16,386 x 96, 784 patches per image,
+# 1 thread, CPU ms per image; benchmarks/results/search.md): 64 cells, 3 probes: 3.0 ms, recall@1 0.9955, worst
+# over-estimate 24 %; hnswlib (M 16) ef 32: 13.2 ms, 0.9991, 29 %; ef 8: 4.7 ms, 0.9918, 9.3x. Like any first pass
+# it only names a bank row: the image score is made exact by the re-rank (scoring.py), whatever it names.
+DEFAULT_PROBES = 3
+# ... and at least this many rows per query: on a small bank the probes then cover every cell (brute force, which is
+# cheap there), so that its heat map is not an over-estimate where an exhaustive scan costs little.
+_MIN_SCANNED_ROWS = 768
+_KMEANS_ITERATIONS = 8
+_KMEANS_SAMPLE = 65536  # training rows for the cells' centres (all rows are then assigned)
+
+
+def default_cells(count: int) -> int:
+    """Cells for a bank of `count` rows: about sqrt(count) / 2 (64 for 16k, 158 for 100k), so that a patch's
+    probes scan ~3 * 2 sqrt(count) rows next to the sqrt(count) / 2 centres."""
+    return int(max(1, min(count, round(np.sqrt(count) / 2.0))))
+
+
+def _augmented(rows: np.ndarray) -> np.ndarray:
+    """[-2 x, ||x||^2] per row, transposed (float32 [D + 1, n]): one product with [q, 1] gives ||x||^2 - 2 q.x,
+    which orders the rows by distance to q (||q||^2 is the same for every row)."""
+    out = np.empty((rows.shape[1] + 1, rows.shape[0]), dtype=np.float32)
+    np.multiply(rows.T, np.float32(-2.0), out=out[:-1])
+    out[-1] = squared_norms(rows)
+    return out
+
+
+class CellIndex:
+    """k-means cells of a bank: an approximate first pass that names, per query, a bank row among the rows of the
+    `probes` cells with the nearest centres (an upper bound of the nearest distance once `row_distances` measures it).
+
+    Built from the bank alone (seeded k-means, one BLAS thread), so a bundle needs no file for it and the same bank
+    gives the same cells on a machine. Memory: one reordered copy of the bank (plus a row of norms).
+    """
+
+    def __init__(self, bank: np.ndarray, cells: Optional[int] = None, seed: int = 0) -> None:
+        data = as_bank(bank)
+        count = data.shape[0]
+        k = default_cells(count) if cells is None else int(cells)
+        if not 1 <= k <= count:
+            raise ValueError(f"cells must be in 1..{count}, got {cells}")
+        rng = np.random.default_rng(seed)
+        with blas_threads(1):
+            sample = data if count <= _KMEANS_SAMPLE else data[np.sort(rng.choice(count, _KMEANS_SAMPLE, replace=False))]
+            centres = sample[np.sort(rng.choice(sample.shape[0], k, replace=False))].copy()
+            for _ in range(_KMEANS_ITERATIONS):
+                assign = self._nearest_centre(sample, centres)
+                sizes = np.bincount(assign, minlength=k)
+                filled = sizes > 0  # an emptied cell keeps its centre
+                starts = (np.cumsum(sizes) - sizes)[filled]
+                sums = np.add.reduceat(sample[np.argsort(assign, kind="stable")], starts, axis=0)
+                centres[filled] = sums / sizes[filled, None].astype(np.float32)
+            assign = self._nearest_centre(data, centres)
+        # Cells that end up empty are dropped (a probe must name rows); the others keep their order.
+        used = np.flatnonzero(np.bincount(assign, minlength=k))
+        if used.size < k:
+            renumber = np.full(k, -1, dtype=np.int64)
+            renumber[used] = np.arange(used.size)
+            centres, assign, k = centres[used], renumber[assign], int(used.size)
+        order = np.argsort(assign, kind="stable")
+        self.cells = k
+        self.rows = order.astype(np.int64)  # position in the cell order -> bank row
+        self.bounds = np.searchsorted(assign[order], np.arange(k + 1)).astype(np.int64)
+        self.centres = _augmented(centres)
+        self.members = _augmented(data[order])
+
+    @staticmethod
+    def _nearest_centre(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        values = rows @ centres.T
+        values *= -2.0
+        values += squared_norms(centres)[None, :]
+        return values.argmin(axis=1)
+
+    def default_probes(self) -> int:
+        """DEFAULT_PROBES cells, more when that scans fewer than _MIN_SCANNED_ROWS rows (all cells of a small bank)."""
+        rows_per_cell = self.members.shape[1] / self.cells
+        return int(min(self.cells, max(DEFAULT_PROBES, math.ceil(_MIN_SCANNED_ROWS / rows_per_cell))))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.members.nbytes + self.centres.nbytes + self.rows.nbytes + self.bounds.nbytes)
+
+    def nearest_rows(self, queries: np.ndarray, probes: int) -> np.ndarray:
+        """The bank row (int64 [n]) with the smallest ||x||^2 - 2 q.x among the rows of each query's `probes`
+        nearest cells; float32 C-contiguous queries [n, D]."""
+        n, dim = queries.shape
+        probes = int(max(1, min(probes, self.cells)))
+        lifted = np.empty((n, dim + 1), dtype=np.float32)
+        lifted[:, :dim] = queries
+        lifted[:, dim] = 1.0
+        with blas_threads(1):
+            to_centres = lifted @ self.centres
+            chosen = (to_centres.argmin(axis=1)[:, None] if probes == 1
+                      else np.argpartition(to_centres, probes - 1, axis=1)[:, :probes])
+            cell = chosen.ravel()
+            order = np.argsort(cell, kind="stable")
+            cell, query = cell[order], order // probes
+            grouped = lifted[query]
+            cuts = np.flatnonzero(cell[1:] != cell[:-1]) + 1
+            starts, stops = np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [cell.size])).tolist()
+            values = np.empty(cell.size, dtype=np.float32)
+            found = np.empty(cell.size, dtype=np.int64)
+            # One product per probed cell, for every query of the batch that probes it.
+            for start, stop in zip(starts, stops):
+                low, high = int(self.bounds[cell[start]]), int(self.bounds[cell[start] + 1])
+                block = grouped[start:stop] @ self.members[:, low:high]
+                local = block.argmin(axis=1)
+                values[start:stop] = block[np.arange(stop - start), local]
+                found[start:stop] = local + low
+        # Per query, the probe with the smallest value (lexsort: last key primary).
+        best = np.lexsort((values, query))
+        first = np.ones(best.size, dtype=bool)
+        first[1:] = query[best][1:] != query[best][:-1]
+        rows = np.empty(n, dtype=np.int64)
+        rows[query[best[first]]] = self.rows[found[best[first]]]
+        return rows
+
 
 class PatchSearch:
-    """Nearest bank vector of patch features: approximate (hnswlib) and exact (float32 BLAS).
+    """Nearest bank vector of patch features: a first pass (cells or hnswlib) and the exact search (float32 BLAS).
 
     Holds the bank (float32 C-contiguous [M, D]), the bank mean `centre`, the squared norms of the centred
-    rows and the hnswlib index. The index keeps its own copy of the vectors, so resident memory is about
-    twice the bank (three times for banks up to 64 MiB, which also keep a centred copy).
+    rows and the first-pass index: a `CellIndex` (PatchCore; one reordered copy of the bank) or an hnswlib index
+    (the trained methods; its own copy of the vectors and its graph). Banks up to 64 MiB also keep a centred copy.
+    `ef`: the first pass's breadth: cells probed per query for a CellIndex, hnswlib's ef for an hnswlib index.
     `threads`: None leaves hnswlib on all cores and BLAS as configured; n bounds both to n threads.
     `index=None` gives an exact-only search (`nearest` is then `exact_nearest`), without the index's memory.
     """
 
-    def __init__(self, bank: np.ndarray, index: Optional[hnswlib.Index], ef: int = DEFAULT_EF,
+    def __init__(self, bank: np.ndarray, index: Optional[Union[CellIndex, hnswlib.Index]], ef: int = DEFAULT_EF,
                  threads: Optional[int] = None) -> None:
         self.bank = as_bank(bank)
         count, dim = self.bank.shape
-        if index is not None and (index.dim != dim or index.element_count != count):
+        if isinstance(index, CellIndex):
+            if index.members.shape != (dim + 1, count):
+                raise ValueError(f"cell index holds {index.members.shape[1]} vectors of dim "
+                                 f"{index.members.shape[0] - 1}, bank is {count} x {dim}")
+        elif index is not None and (index.dim != dim or index.element_count != count):
             raise ValueError(f"index holds {index.element_count} vectors of dim {index.dim}, "
                              f"bank is {count} x {dim}")
         self.index = index
@@ -413,9 +539,18 @@ class PatchSearch:
     @classmethod
     def from_bank(cls, bank: np.ndarray, m: int = DEFAULT_M, ef_construction: int = DEFAULT_EF_CONSTRUCTION,
                   ef: int = DEFAULT_EF, seed: int = 0, threads: Optional[int] = None) -> PatchSearch:
+        """An hnswlib-backed search built here (tests, benchmarks)."""
         data = as_bank(bank)
         index = build_index(data, m=m, ef_construction=ef_construction, seed=seed, threads=threads or 1)
         return cls(data, index, ef=ef, threads=threads)
+
+    @classmethod
+    def with_cells(cls, bank: np.ndarray, probes: Optional[int] = None, cells: Optional[int] = None,
+                   threads: Optional[int] = None) -> PatchSearch:
+        """A search whose first pass is the bank's k-means cells (PatchCore's runtime); probes None: the default."""
+        data = as_bank(bank)
+        index = CellIndex(data, cells)
+        return cls(data, index, ef=probes or index.default_probes(), threads=threads)
 
     @property
     def is_exact(self) -> bool:
@@ -431,11 +566,11 @@ class PatchSearch:
         return int(self.bank.shape[1])
 
     def set_ef(self, ef: int) -> None:
-        """Size of hnswlib's dynamic candidate list at query time (recall vs speed)."""
+        """The first pass's breadth at query time (recall vs speed): cells probed, or hnswlib's candidate list."""
         if int(ef) < 1:
             raise ValueError(f"ef must be >= 1, got {ef}")
         self.ef = int(ef)
-        if self.index is not None:
+        if self.index is not None and not isinstance(self.index, CellIndex):
             self.index.set_ef(self.ef)
 
     def set_threads(self, threads: Optional[int]) -> None:
@@ -446,7 +581,7 @@ class PatchSearch:
     def nearest(self, queries: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Approximate nearest bank row per query: (distance float32 [n], row int64 [n]).
 
-        The row is hnswlib's answer; the distance is recomputed by `row_distances`, so it is an exact
+        The row is the first pass's answer; the distance is recomputed by `row_distances`, so it is an exact
         distance to a real bank row and therefore never below the exact nearest distance.
         """
         if self.index is None:
@@ -454,66 +589,50 @@ class PatchSearch:
         q = _as_queries(queries, self.dim)
         if q.shape[0] == 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        labels, _ = self.index.knn_query(q, k=1, num_threads=-1 if self.threads is None else self.threads)
-        idx = labels[:, 0].astype(np.int64)
+        if isinstance(self.index, CellIndex):
+            idx = self.index.nearest_rows(q, self.ef)
+        else:
+            labels, _ = self.index.knn_query(q, k=1, num_threads=-1 if self.threads is None else self.threads)
+            idx = labels[:, 0].astype(np.int64)
         return row_distances(q, self.bank[idx]), idx
 
     def exact_nearest(self, queries: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Exact nearest bank row per query by float32 BLAS brute force: (distance [n], row int64 [n]).
+        """The exact nearest bank row per query: (distance float32 [n], row int64 [n]), by one rule: the smallest
+        `row_distances` value, the lowest row number among equal ones.
 
-        The winner is chosen on ||b - c||^2 - 2 (q - c).(b - c) (c: the bank mean; ||q - c||^2 is constant
-        per query), in blocks of bank rows; its distance is then recomputed directly from q and the bank row,
-        so cancellation in the expansion cannot bite the value. (It can, for near-ties within float32
-        rounding of the expansion, pick a row whose distance is a few ulps above the true minimum.)
+        A function of the query and the bank alone (not of the index, ef, the batch, the other queries or BLAS's
+        blocking), which is what makes the re-weighted image score the same in every mode (`scoring.image_scores`).
+        BLAS only pre-selects: every row whose expanded value ||b-c||^2 - 2 (q-c).(b-c) (c: the bank mean) lies
+        within a proven float32 error bound of the query's smallest is kept, and the direct distances of those
+        decide.
+
+        The bound: the expansion of a row differs from the true ||q-b||^2 - ||q-c||^2 by at most
+        (3 gamma_D + 6 u) R^2 (u = 2^-24, gamma_D = D u / (1 - D u): dot products and norms of vectors of norm
+        <= R = ||q-c|| + max ||b-c||, plus the centring and the two element-wise roundings); the direct squared
+        distances err by at most (gamma_D + 3 u) R^2. A row whose direct distance is the smallest can therefore
+        trail the smallest expanded value by no more than twice their sum, the margin used here (rounded up to
+        float32). Rows are scanned in blocks; a block keeps the rows within the margin of its own smallest value
+        (a superset of those within the margin of the overall smallest), filtered once all blocks are seen.
         """
         q = _as_queries(queries, self.dim)
         if q.shape[0] == 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        parts = [self._exact_rows(q[start:start + _QUERY_BLOCK]) for start in range(0, q.shape[0], _QUERY_BLOCK)]
-        best_idx = np.concatenate(parts)
+        best_idx = np.concatenate([self._canonical_rows(q[start:start + _QUERY_BLOCK])
+                                   for start in range(0, q.shape[0], _QUERY_BLOCK)])
         return row_distances(q, self.bank[best_idx]), best_idx
 
-    def canonical_nearest(self, query: np.ndarray) -> Tuple[float, int]:
-        """The bank row nearest to one query by `row_distances`, the lowest row number among equal distances.
-
-        A function of the query and the bank alone (not of the index, ef, the batch or BLAS's blocking), which is
-        what makes the re-weighted image score the same in every mode (`scoring.image_scores`). BLAS only
-        pre-selects: every row whose expanded value lies within a proven float32 error bound of the smallest is
-        kept, and the direct distances of those decide.
-
-        The bound: the expansion ||b-c||^2 - 2 (q-c).(b-c) of a row differs from the true ||q-b||^2 - ||q-c||^2
-        by at most (3 gamma_D + 6 u) R^2 (u = 2^-24, gamma_D = D u / (1 - D u): dot products and norms of vectors
-        of norm <= R = ||q-c|| + max ||b-c||, plus the centring and the two element-wise roundings); the direct
-        squared distances err by at most (gamma_D + 3 u) R^2. A row whose direct distance is the smallest can
-        therefore trail the smallest expanded value by no more than twice their sum, the margin used here.
-        """
-        q = _as_queries(query, self.dim)
-        if q.shape[0] != 1:
-            raise ValueError(f"canonical_nearest takes one query, got {q.shape[0]}")
-        centred_q = (q[0] - self.centre).astype(np.float32)
-        values = np.empty(self.count, dtype=np.float32)
-        step = 65536
-        with blas_threads(1):
-            for start in range(0, self.count, step):
-                stop = min(self.count, start + step)
-                rows = self._centred[start:stop] if self._centred is not None else self.bank[start:stop] - self.centre
-                np.matmul(rows, centred_q, out=values[start:stop])
-        values *= -2.0
-        values += self.norms
+    def _margins(self, centred_q: np.ndarray) -> np.ndarray:
         u = 2.0 ** -24
         gamma = self.dim * u / (1.0 - self.dim * u)
-        reach = float(np.sqrt(np.dot(centred_q.astype(np.float64), centred_q))) + self._largest_norm
-        margin = 2.0 * ((3.0 * gamma + 6.0 * u) + (gamma + 3.0 * u)) * reach * reach
-        kept = np.flatnonzero(values.astype(np.float64) <= float(values.min()) + margin)
-        distances = row_distances(np.repeat(q, kept.size, axis=0), self.bank[kept])
-        best = distances.min()
-        return float(best), int(kept[distances == best].min())
+        reach = np.sqrt(np.einsum("ij,ij->i", centred_q, centred_q, dtype=np.float64)) + self._largest_norm
+        return 2.0 * ((3.0 * gamma + 6.0 * u) + (gamma + 3.0 * u)) * reach * reach
 
-    def _exact_rows(self, q: np.ndarray) -> np.ndarray:
+    def _canonical_rows(self, q: np.ndarray) -> np.ndarray:
         n = q.shape[0]
         centred_q = q - self.centre
-        best = np.full(n, np.inf, dtype=np.float32)
-        best_idx = np.zeros(n, dtype=np.int64)
+        margins = self._margins(centred_q)
+        smallest = np.full(n, np.inf, dtype=np.float64)
+        kept_query, kept_row, kept_value = [], [], []
         rows = min(_block_rows(n, self.count), self.count)
         # A few queries (re-rank rounds) run faster as bank @ q.T: the product is then bound by one pass over
         # the bank instead of OpenBLAS packing it (measured 1.2-1.7x for 8 queries).
@@ -536,16 +655,33 @@ class PatchSearch:
                     np.matmul(centred, centred_q.T, out=block)
                     block *= -2.0
                     block += self.norms[start:stop, None]
-                    local = block.argmin(axis=0)
-                    value = block[local, np.arange(n)]
+                    low = block.min(axis=0).astype(np.float64)
+                    row, query = np.nonzero(block <= _float32_up(low + margins)[None, :])
                 else:
                     block = buffer[:, :stop - start]
                     np.matmul(centred_q, centred.T, out=block)
                     block *= -2.0
                     block += self.norms[None, start:stop]
-                    local = block.argmin(axis=1)
-                    value = block[np.arange(n), local]
-                better = value < best
-                best[better] = value[better]
-                best_idx[better] = local[better] + start
-        return best_idx
+                    low = block.min(axis=1).astype(np.float64)
+                    query, row = np.nonzero(block <= _float32_up(low + margins)[:, None])
+                kept_value.append(block[row, query] if tall else block[query, row])
+                kept_query.append(query)
+                kept_row.append(row + start)
+                np.minimum(smallest, low, out=smallest)
+        query, row, value = np.concatenate(kept_query), np.concatenate(kept_row), np.concatenate(kept_value)
+        near = value <= _float32_up(smallest + margins)[query]
+        query, row = query[near], row[near].astype(np.int64)
+        distances = row_distances(q[query], self.bank[row])
+        # Per query: the smallest direct distance, then the lowest row (lexsort: the last key is the primary one).
+        order = np.lexsort((row, distances, query))
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = query[order][1:] != query[order][:-1]
+        best = np.empty(n, dtype=np.int64)
+        best[query[order][first]] = row[order][first]
+        return best
+
+
+def _float32_up(values: np.ndarray) -> np.ndarray:
+    """float64 values rounded up to float32, so that `x <= result` holds for every float32 x <= value."""
+    down = values.astype(np.float32)
+    return np.where(down.astype(np.float64) < values, np.nextafter(down, np.float32(np.inf)), down)

@@ -161,8 +161,10 @@ def _split_paths(paths: Sequence[Path], plain: bool) -> Tuple[List[Path], Option
               help="Folder of anomalous test images (plain layout).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("--ef", type=click.IntRange(min=1), default=None,
-              help="HNSW search breadth (default: the bundle's).")
-@click.option("--exact-search", is_flag=True, help="Exact nearest-neighbour search instead of HNSW.")
+              help="First-pass search breadth: PatchCore, k-means cells probed per patch (default: 3, "
+                   "all cells of a small bank); other methods, HNSW ef (default: the bundle's).")
+@click.option("--exact-search", is_flag=True,
+              help="Exact nearest-neighbour search for every patch instead of the first pass + exact re-rank.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for inference and search.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)

@@ -320,10 +320,15 @@ def _write_run_json(outdir: Path, info: Dict[str, Any]) -> None:
               help="Compute anomaly maps (heat map PNGs, masks). --no-maps scores images only, faster.")
 @click.option("--overlays/--no-overlays", default=False, show_default=True,
               help="Also write the heat map blended over the image.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for the runtime.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None,
+              help="CPU threads for the whole runtime (default: the cores this process may use): "
+                   "pre-processing 2 when >= 2, the network all, the search 1 (exact full scans all).")
 @click.option("--ef", type=click.IntRange(1, 100_000), default=None,
-              help="HNSW search breadth (default: the bundle's).")
-@click.option("--exact-search", is_flag=True, help="Brute-force nearest-neighbour search instead of HNSW.")
+              help="First-pass search breadth: PatchCore, k-means cells probed per patch (default: 3, "
+                   "all cells of a small bank); other methods, HNSW ef (default: the bundle's).")
+@click.option("--exact-search", is_flag=True,
+              help="Brute-force nearest-neighbour search for every patch instead of the first pass + "
+                   "exact re-rank.")
 @click.option("--max-frames", type=click.IntRange(1), default=None,
               help="Stop each video, camera or stream after N frames (files are not limited).")
 @click.option("--jsonl", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -65,7 +65,7 @@ class ExportOptions:
     ef_construction: Optional[int] = None
     ef: Optional[int] = None
     reweight_neighbours: int = 9
-    rerank: int = 8
+    rerank: int = 1
     gaussian_sigma: float = 4.0
     parity_images: int = 4
     engine: bool = True

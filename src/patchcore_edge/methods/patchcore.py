@@ -1,8 +1,13 @@
-"""PatchCore (Roth et al.) on the device: memory bank + HNSW index -> exact re-weighted image score, patch map.
+"""PatchCore (Roth et al.) on the device: memory bank -> exact re-weighted image score, patch map.
 
 The score math lives in `patchcore_edge.scoring` (the re-ranked exact maximum and the re-weighting); this
 module reads the method's arrays from the bundle, checks them against each other and the network, and adapts
 the math to the `Scorer` interface.
+
+The first pass is the bank's k-means cells (`search.CellIndex`, derived from the bank when the bundle loads:
+4x cheaper than the bundle's hnswlib index at the same recall on the bottle bank, issue 13). The bundle still
+carries `index.hnsw` (format 2 is unchanged: runtimes from before this change still load a new bundle); this runtime does not
+read it. `ef` (`--ef`) is the number of cells probed per patch here.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..scoring import PatchScores, image_scores
-from ..search import (IndexFileError, PatchSearch, check_neighbours_sample, index_resident_bytes, load_index,
+from ..search import (PatchSearch, check_neighbours_sample, default_cells,
                       validate_neighbours)
 from .base import MethodScore, Scorer, ScorerOptions
 
@@ -48,10 +53,6 @@ class PatchCoreScorer(Scorer):
     def load(cls, bundle: "Bundle", options: ScorerOptions) -> "PatchCoreScorer":
         where = str(bundle.path / "manifest.json")
         params = bundle.method.params
-        index_params = params.get("index")
-        if not isinstance(index_params, Mapping):
-            raise BundleError(f"{where}: method.params.index missing; re-export the bundle")
-        ef = options.ef or _positive_int(index_params, "ef", where)
         rerank = _positive_int(params, "rerank", where)
         b = _positive_int(params, "reweight_neighbours", where)
         bank = bundle.method_array("memory_bank")
@@ -65,11 +66,8 @@ class PatchCoreScorer(Scorer):
         try:
             neighbours = validate_neighbours(neighbours, bank.shape[0])
             check_neighbours_sample(bank, neighbours)
-            index = None if options.exact_search else load_index(bundle.method_file("index"), bank.shape[1],
-                                                                 bank.shape[0], bank=bank)
-            search = PatchSearch(bank, index, ef=ef, threads=options.threads)
-        except IndexFileError as error:
-            raise BundleError(f"{error}; re-export the bundle") from None
+            search = (PatchSearch(bank, None, threads=options.threads) if options.exact_search
+                      else PatchSearch.with_cells(bank, probes=options.ef, threads=options.threads))
         except ValueError as error:
             raise BundleError(f"{bundle.path}: {error}; re-export the bundle") from None
         return cls(search, neighbours, rerank, bundle.features.grid, bundle.features.output_name,
@@ -79,10 +77,12 @@ class PatchCoreScorer(Scorer):
     def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
         count, dim = bundle.method.arrays["memory_bank"].shape
         b = bundle.method.arrays["bank_neighbours"].shape[1]
-        index = bundle.method.params.get("index")
-        m = int(index.get("M", 16)) if isinstance(index, Mapping) else 16
-        # The bank, plus its squared norms (PatchSearch keeps them beside it).
-        return {"bank": count * dim * 4 + count * 4, "index": index_resident_bytes(count, dim, m, search_threads),
+        # The bank, its squared norms and (banks up to 64 MiB) its centred copy, which PatchSearch keeps beside it;
+        # the cells: the bank reordered with a norm row, the centres likewise, and the row order.
+        bank = count * dim * 4 + count * 4
+        centred = count * dim * 4 if count * dim * 4 <= 64 * 1024 * 1024 else 0
+        cells = default_cells(count)
+        return {"bank": bank + centred, "index": count * (dim + 1) * 4 + cells * (dim + 1) * 4 + count * 8,
                 "neighbours": count * b * 4}
 
     def patch_scores(self, grid: np.ndarray, valid: Optional[np.ndarray] = None) -> List[PatchScores]:
@@ -103,4 +103,5 @@ class PatchCoreScorer(Scorer):
                 for p in self.patch_scores(grid, valid)]
 
     def settings(self) -> Dict[str, object]:
-        return {"ef": self.search.ef, "exact_search": self.search.is_exact}
+        return {"search": "exact" if self.search.is_exact else "cells",
+                "probes": None if self.search.is_exact else self.search.ef, "exact_search": self.search.is_exact}

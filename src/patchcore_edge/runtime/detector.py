@@ -99,6 +99,8 @@ class Detector:
         self.calibration = calibration
         self.spec = bundle.input_spec
         self.sigma = bundle.map_sigma
+        # The pre-processing's second thread (`predict_batch`) only when the budget has a second core.
+        self.threads = available_cores()
         self.map_scale = map_scale_for(bundle, calibration)
 
     @property
@@ -131,8 +133,12 @@ class Detector:
         # A Bundle already loaded by the caller is used as it is: its files were verified once, not twice.
         bundle = (bundle_dir if isinstance(bundle_dir, Bundle)
                   else Bundle.load(bundle_dir, verify=verify, verify_calibration=not ignore_calibration))
-        # One budget for the whole runtime: the network and the search run one after the other, each on all
-        # the cores this process may use (never the machine's count, which `taskset` or a cpuset may cut).
+        # One budget for the whole runtime (`threads`, default: the cores this process may use, never the machine's
+        # count, which `taskset` or a cpuset may cut). The stages run one after the other, so each gets the budget:
+        # pre-processing 2 threads when the budget has 2 (else 1); the network (ONNX Runtime intra-op) all of it;
+        # the search 1 thread for its first pass and re-rank (many small BLAS calls: a second thread costs more
+        # than it saves, and spinning BLAS workers would slow what follows), the budget for exact searches of more
+        # than 256 patches (exact-search mode). Nothing spins after a stage ends (ORT: force_spinning_stop).
         threads = threads or available_cores()
         try:
             method = scorer_class(bundle.method.name)
@@ -149,7 +155,9 @@ class Detector:
         scorer = method.load(bundle, ScorerOptions(ef=ef, exact_search=exact_search, threads=threads,
                                                    exact_map_above=level, exact_map_reach=reach))
         features_backend, note = open_backend(bundle, backend, threads)
-        return cls(bundle, features_backend, note, scorer, current)
+        detector = cls(bundle, features_backend, note, scorer, current)
+        detector.threads = threads
+        return detector
 
     def __enter__(self) -> "Detector":
         return self
@@ -170,9 +178,9 @@ class Detector:
         if self.spec.tile is not None:
             return [self._predict_tiled(image, source, maps) for image, source in loaded]
         start = time.perf_counter()
-        # Two threads for the resize: nothing else runs meanwhile here (`stream` overlaps it with inference
-        # instead, so its producer keeps to one).
-        batch = np.stack([preprocess(image, self.spec, parallel=True) for image, _ in loaded])
+        # Two threads for the resize when the budget has two: nothing else runs meanwhile here (`stream` overlaps
+        # it with inference instead, so its producer keeps to one).
+        batch = np.stack([preprocess(image, self.spec, parallel=self.threads >= 2) for image, _ in loaded])
         geometries = [geometry(image.shape[0], image.shape[1], self.spec) for image, _ in loaded]
         preprocess_ms = (time.perf_counter() - start) * 1000 / len(loaded)
         results = self._infer(batch, geometries, maps)

@@ -119,7 +119,7 @@ class MethodSettings:
     ef_construction: Optional[int] = None
     ef: Optional[int] = None
     reweight_neighbours: int = 9
-    rerank: int = 8
+    rerank: int = 1
     reduction: Optional[str] = None  # channel reduction order (features.REDUCTIONS); None: the default
     layers: Optional[Tuple[str, str]] = None  # the two stages; None: the backbone's measured default
     # Coreset at scale (export/coreset_select.py): method, a device profile capping the bank, a Dask scheduler.

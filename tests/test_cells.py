@@ -1,0 +1,144 @@
+"""PatchCore's first pass, the bank's k-means cells (search.CellIndex), and the canonical exact search (issue 13).
+
+The image score must equal exact search's bit for bit (score, p*, s*, m*) with any number of cells and probes, in
+any batch, with ties between bank rows and with patches that may not score; the exact search must follow its one
+rule (smallest `row_distances` value, lowest row among equal ones) whatever the other queries of the call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import pytest
+
+from patchcore_edge.scoring import image_scores
+from patchcore_edge.search import CellIndex, PatchSearch, bank_neighbours, default_cells, row_distances
+
+
+def _world(seed: int = 7) -> Tuple[np.ndarray, np.ndarray]:
+    """A clustered bank with exact duplicates and equidistant rows (ties), and images whose patches sit near the
+    bank, some far from it (defects), a few exactly on bank rows."""
+    rng = np.random.default_rng(seed)
+    dim = 24
+    centres = rng.normal(scale=4.0, size=(12, dim))
+    bank = (centres[rng.integers(0, 12, 3000)] + rng.normal(scale=0.7, size=(3000, dim))).astype(np.float32)
+    bank[100:110] = bank[90:100]  # duplicates: equal distances to any query, the lower row must win
+    images = []
+    for i in range(6):
+        patches = (centres[rng.integers(0, 12, 196)] + rng.normal(scale=0.7, size=(196, dim))).astype(np.float32)
+        if i < 5:
+            patches[rng.integers(0, 196, 3)] += rng.normal(scale=3.0, size=(3, dim)).astype(np.float32)
+        patches[5] = bank[95]  # on a duplicated row: distance 0 to two rows
+        images.append(patches)
+    # The top patch of the last image, far from every cluster, is equidistant (bit for bit: a step along one axis
+    # of a power of two) to two rows, p - d and p + d.
+    p = (centres[0] + 40.0).astype(np.float32)
+    step = np.zeros(dim, np.float32)
+    step[0] = 8.0
+    bank[2000], bank[2500] = p - step, p + step
+    images[-1][0] = p
+    return np.ascontiguousarray(bank), np.array(images)
+
+
+def _rule(queries: np.ndarray, bank: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The exact search's rule by brute force: every row's `row_distances` value, smallest, lowest row on ties."""
+    rows = []
+    for q in queries:
+        d = row_distances(np.repeat(q[None], bank.shape[0], axis=0), bank)
+        rows.append(int(np.flatnonzero(d == d.min()).min()))
+    idx = np.array(rows, dtype=np.int64)
+    return row_distances(queries, bank[idx]), idx
+
+
+def test_exact_search_follows_its_rule_whatever_the_other_queries() -> None:
+    bank, images = _world()
+    search = PatchSearch(bank, None, threads=1)
+    queries = images.reshape(-1, bank.shape[1])[:300]
+    expected = _rule(queries, bank)
+    together = search.exact_nearest(queries)
+    alone = [search.exact_nearest(q[None]) for q in queries[:40]]
+    np.testing.assert_array_equal(together[1], expected[1])
+    np.testing.assert_array_equal(together[0], expected[0])
+    np.testing.assert_array_equal(np.concatenate([a[1] for a in alone]), expected[1][:40])
+    # Patch 5 of image 0 is bank row 95, which row 105 duplicates: distance 0 to both, the lower row.
+    assert together[0][5] == 0.0 and together[1][5] == 95
+
+
+@pytest.mark.parametrize("cells, probes", [(1, 1), (8, 1), (default_cells(3000), 2), (64, 3), (300, 1)])
+def test_image_scores_equal_exact_search_with_any_cells(cells: int, probes: int) -> None:
+    bank, images = _world()
+    neighbours = bank_neighbours(bank, 5)
+    exact = image_scores(images, PatchSearch(bank, None, threads=1), neighbours)
+    search = PatchSearch(bank, CellIndex(bank, cells), ef=probes, threads=1)
+    for batch in (1, 2, len(images)):
+        got = [s for start in range(0, len(images), batch)
+               for s in image_scores(images[start:start + batch], search, neighbours)]
+        for e, g in zip(exact, got):
+            assert (g.score, g.max_distance, g.argmax, g.nearest_bank_index, g.weight) == \
+                (e.score, e.max_distance, e.argmax, e.nearest_bank_index, e.weight)
+            # Every patch distance is an upper bound of the exact one, equal where it was searched exactly.
+            assert (g.patch_distances >= e.patch_distances).all()
+    # The tie: the top patch of the last image is as far from row 2000 as from row 2500; the lower row wins.
+    assert exact[-1].argmax == 0 and exact[-1].nearest_bank_index == 2000
+
+
+def test_patches_that_may_not_score_never_do() -> None:
+    bank, images = _world()
+    neighbours = bank_neighbours(bank, 5)
+    valid = np.ones(images.shape[:2], bool)
+    for i in range(len(images)):
+        top = int(np.argmax(PatchSearch(bank, None).exact_nearest(images[i])[0]))
+        valid[i, top] = False  # the patch that would score: now it must not
+    valid[2] = False  # an image without a valid patch scores 0
+    exact = image_scores(images, PatchSearch(bank, None, threads=1), neighbours, valid=valid)
+    fast = image_scores(images, PatchSearch.with_cells(bank, threads=1), neighbours, valid=valid)
+    for i, (e, g) in enumerate(zip(exact, fast)):
+        assert (g.score, g.argmax, g.nearest_bank_index) == (e.score, e.argmax, e.nearest_bank_index)
+        assert valid[i, g.argmax] or g.score == 0.0
+        assert (g.patch_distances[~valid[i]] == 0).all()
+    assert fast[2].score == 0.0 and fast[2].argmax == 0
+
+
+def test_cells_are_a_function_of_the_bank() -> None:
+    bank, images = _world()
+    a, b = CellIndex(bank), CellIndex(bank.copy())
+    np.testing.assert_array_equal(a.rows, b.rows)
+    np.testing.assert_array_equal(a.bounds, b.bounds)
+    np.testing.assert_array_equal(a.members, b.members)
+    queries = images.reshape(-1, bank.shape[1])
+    np.testing.assert_array_equal(a.nearest_rows(queries, 3), b.nearest_rows(queries, 3))
+    assert 1 < a.cells <= default_cells(bank.shape[0]) and sorted(a.rows.tolist()) == list(range(bank.shape[0]))
+    assert a.bounds[0] == 0 and a.bounds[-1] == bank.shape[0] and (np.diff(a.bounds) >= 0).all()
+
+
+def test_more_probes_never_find_a_farther_row_and_all_probes_are_exact() -> None:
+    bank, images = _world()
+    cells = CellIndex(bank, 16)
+    queries = images.reshape(-1, bank.shape[1])
+    exact = PatchSearch(bank, None).exact_nearest(queries)[0]
+    found = [row_distances(queries, bank[cells.nearest_rows(queries, p)]) for p in (1, 2, 4, 16)]
+    recall = [float(np.mean(f <= exact)) for f in found]
+    assert recall == sorted(recall) and recall[0] < 1.0  # one probe misses some: the re-rank has work to do
+    # All 16 probes scan the whole bank: the smallest expanded value is within rounding of the exact distance.
+    np.testing.assert_allclose(found[-1], exact, rtol=1e-5, atol=1e-5)
+    # A small bank gets probes that cover every cell: its first pass is brute force.
+    small = CellIndex(bank[:400])
+    assert small.default_probes() == small.cells
+
+
+def test_real_bundle_scores_equal_exact_search_in_every_batch(tiny_bundle: Path) -> None:
+    from patchcore_edge.runtime.detector import Detector
+
+    rng = np.random.default_rng(3)
+    images = [np.clip(rng.normal(128, 40, (96, 96, 3)), 0, 255).astype(np.uint8) for _ in range(6)]
+    images[2][20:40, 30:60] = (250, 40, 40)  # a defect
+    with Detector.load(tiny_bundle, backend="onnxruntime", threads=1) as fast, \
+            Detector.load(tiny_bundle, backend="onnxruntime", threads=1, exact_search=True) as exact:
+        assert fast.scored_with["method"]["search"] == "cells"
+        reference = [r.score for r in exact.predict_batch(images, maps=False)]
+        one = [fast.predict(image, maps=False).score for image in images]
+        all_at_once = [r.score for r in fast.predict_batch(images, maps=False)]
+        again = [r.score for r in fast.predict_batch(images, maps=False)]
+    assert one == reference and all_at_once == reference and again == reference
