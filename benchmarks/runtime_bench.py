@@ -863,6 +863,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--anomalib", type=Path, help="anomalib's exported PatchCore ONNX (benchmarks/anomalib_export.py): "
                         "only time it side by side with the bundle, quiet and under a competing load, and write "
                         "--out (skips with the reason when the file or onnxruntime is absent)")
+    parser.add_argument("--condition", choices=["both", "quiet", "busy"], default="both",
+                        help="--anomalib: which block to run (both: quiet, then with a competing one-core load)")
     args = parser.parse_args(argv)
     args.argv = list(argv)
     if args.quick:

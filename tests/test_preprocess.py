@@ -65,6 +65,28 @@ def test_shrinking_only_the_cropped_region_matches_resizing_the_whole_image(
     np.testing.assert_array_equal(resize_crop(image, spec, parallel), expected)
 
 
+@pytest.mark.parametrize("height, width, size", [
+    (900, 900, (224, 224)),   # the default bottle bundle: squash 900 -> 224, factor 4.02
+    (1080, 1920, (448, 224)),  # 2:1 input
+    (641, 479, (100, 90)),     # odd sizes
+    (200, 1000, (224, 224)),   # height enlarged: the per-axis path, not the bands
+])
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-thread", "two-threads"])
+def test_squash_in_bands_equals_the_one_piece_resize(height: int, width: int, size: tuple, parallel: bool) -> None:
+    import cv2
+
+    from patchcore_edge.preprocess import resize_crop
+
+    spec = InputSpec(fit="squash", size=size)
+    image = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    if height > size[1] and width > size[0]:
+        expected = cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    else:  # area filter on the shrinking axis (width), then bilinear on the enlarging one
+        expected = cv2.resize(cv2.resize(image.astype(np.float32), (size[0], height), interpolation=cv2.INTER_AREA),
+                              size, interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(resize_crop(image, spec, parallel), expected)
+
+
 def test_squash_and_letterbox_cover_the_whole_image() -> None:
     squash = geometry(200, 800, InputSpec(fit="squash", size=(448, 224)))
     assert (squash.resized_height, squash.resized_width, squash.top, squash.left) == (224, 448, 0, 0)
