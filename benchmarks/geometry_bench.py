@@ -48,6 +48,8 @@ from patchcore_edge.runtime.detector import Detector  # noqa: E402
 
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 RESULTS = REPO / "benchmarks" / "results" / "geometry.md"
+THREADS = [2]  # ONNX Runtime / torch threads (--threads): 1 for accuracy runs niced on the shared machine
+ROW_LOG: List[Path] = []  # every outcome is appended here as one JSON line, so a stopped run keeps its rows
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,7 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
     start = time.perf_counter()
     export_bundle(options)
     export_s = time.perf_counter() - start
-    detector = Detector.load(bundle, backend="onnxruntime", threads=2)
+    detector = Detector.load(bundle, backend="onnxruntime", threads=THREADS[0])
     try:
         report = evaluate(detector, discover_mvtec(data), pixel_size=pixel_size)
     finally:
@@ -250,6 +252,15 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
     outcome.bundle_mb = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file()) / 2**20
     outcome.extra = {"export_s": export_s, "inspected": report.get("inspected_fraction"), "bundle": bundle}
     shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in outcome.metrics.items())
+    if ROW_LOG:
+        import json
+
+        with ROW_LOG[0].open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"data": label, "config": config.label, **outcome.metrics,
+                                     "features_ms": outcome.features_ms, "predict_ms": outcome.predict_ms,
+                                     "mmacs": outcome.mmacs, "bundle_mb": outcome.bundle_mb, "export_s": export_s,
+                                     "inspected": outcome.extra["inspected"], "bundle": str(bundle),
+                                     "load": os.getloadavg()[0], "time": time.strftime("%H:%M:%S")}) + "\n")
     print(f"[{label}] {config.label}: {shown}; features {outcome.features_ms:.1f} ms, predict "
           f"{outcome.predict_ms:.1f} ms, {outcome.mmacs:.0f} MMAC, {outcome.bundle_mb:.1f} MB, export "
           f"{export_s:.0f}s (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -258,7 +269,7 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
 
 def end_recall(outcome: Outcome, data: Path) -> Dict[str, float]:
     """Recall of defect regions near the strip ends at the 99th percentile of good strips' map values."""
-    detector = Detector.load(outcome.extra["bundle"], backend="onnxruntime", threads=2)
+    detector = Detector.load(outcome.extra["bundle"], backend="onnxruntime", threads=THREADS[0])
     dataset = discover_mvtec(data)
     good_values: List[np.ndarray] = []
     regions: List[Tuple[bool, float]] = []  # (near an end, region maximum)
@@ -343,14 +354,23 @@ def main() -> None:
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--strip-ratios", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--strip-train", type=int, default=20, help="train/good images cut into 3 strips each")
-    parser.add_argument("--pixel-size", type=int, default=256)
+    parser.add_argument("--pixel-size", type=int, default=256, help="longer side of the pixel metrics; 0: native")
+    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
+    parser.add_argument("--elpv-dir", type=Path, default=None,
+                        help="a prepared ELPV folder (scripts/prepare_elpv.py) instead of the built-in selection")
+    parser.add_argument("--data", nargs="+", default=["bottle", "elpv"], choices=("bottle", "elpv"),
+                        help="data sets of --experiments backbones")
     parser.add_argument("--scratch", type=Path, default=REPO / "out" / "geometry_bench")
     parser.add_argument("--tag", default="", help="suffix of the result sections (keeps earlier runs' sections)")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    THREADS[0] = args.threads
+    if args.pixel_size == 0:
+        args.pixel_size = None
+    ROW_LOG.append(args.scratch / "rows.jsonl")
     if not BOTTLE.is_dir():
         sys.exit(f"{BOTTLE}: MVTec AD bottle not found (expected ../shared/data beside the repository)")
     scratch = args.scratch
@@ -359,8 +379,8 @@ def main() -> None:
     command = "python benchmarks/geometry_bench.py " + " ".join(sys.argv[1:])
     header = [f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
               f"{load:.1f} at start). Machine: {cpu_model()}, no GPU, shared by several agents.",
-              f"Coreset {args.coreset:.0%} (greedy, seed 0), HNSW + exact re-rank, ONNX Runtime CPU 2 threads, "
-              f"batch 1; pixel metrics at longer side {args.pixel_size} px; ms are medians over the test images.",
+              f"Coreset {args.coreset:.0%} (greedy, seed 0), HNSW + exact re-rank, ONNX Runtime CPU {args.threads} thread(s), "
+              f"batch 1; pixel metrics at {'native size' if args.pixel_size is None else f'longer side {args.pixel_size} px'}; ms are medians over the test images.",
               ""]
 
     if "macs" in args.experiments:
@@ -399,8 +419,9 @@ def main() -> None:
             f"{os.getloadavg()[0]:.1f} after.", ""] + rows)
 
     if "backbones" in args.experiments:
-        data = {"bottle": bottle_subset(scratch, args.train),
-                "elpv": elpv_subset(scratch, args.train, args.elpv_test)}
+        every = {"bottle": lambda: bottle_subset(scratch, args.train),
+                 "elpv": lambda: args.elpv_dir if args.elpv_dir else elpv_subset(scratch, args.train, args.elpv_test)}
+        data = {name: every[name]() for name in args.data}
         outcomes = []
         chosen = args.configs if args.configs is not None else range(len(BACKBONE_CONFIGS))
         for index in chosen:
