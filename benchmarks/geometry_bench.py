@@ -250,7 +250,9 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
     outcome.predict_ms = float(report["timing"]["predict_ms_median"])
     outcome.mmacs = count_mmacs(config)
     outcome.bundle_mb = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file()) / 2**20
-    outcome.extra = {"export_s": export_s, "inspected": report.get("inspected_fraction"), "bundle": bundle}
+    outcome.extra = {"export_s": export_s, "inspected": report.get("inspected_fraction"), "bundle": bundle,
+                     "per_defect": {d["defect"]: {k: d.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
+                                    for d in report.get("per_defect", [])}}
     shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in outcome.metrics.items())
     if ROW_LOG:
         import json
@@ -260,6 +262,7 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
                                      "features_ms": outcome.features_ms, "predict_ms": outcome.predict_ms,
                                      "mmacs": outcome.mmacs, "bundle_mb": outcome.bundle_mb, "export_s": export_s,
                                      "inspected": outcome.extra["inspected"], "bundle": str(bundle),
+                                     "per_defect": outcome.extra["per_defect"],
                                      "load": os.getloadavg()[0], "time": time.strftime("%H:%M:%S")}) + "\n")
     print(f"[{label}] {config.label}: {shown}; features {outcome.features_ms:.1f} ms, predict "
           f"{outcome.predict_ms:.1f} ms, {outcome.mmacs:.0f} MMAC, {outcome.bundle_mb:.1f} MB, export "
@@ -297,6 +300,47 @@ def end_recall(outcome: Outcome, data: Path) -> Dict[str, float]:
     return {"end_regions": len(ends), "end_recall": float(np.mean([v > threshold for v in ends])) if ends else
             float("nan"), "middle_recall": float(np.mean([v > threshold for v in middle])) if middle else
             float("nan")}
+
+
+def predict_timing(log: Path, runs: int, threads: int, repeats: int = 3) -> List[str]:
+    """Median ms of `Detector.predict` per bundle in `log` (rows.jsonl): 5 warm-up calls, then `repeats` x `runs`
+    timed calls, the repeats round-robin over the bundles so that a load change hits every bundle alike."""
+    import json
+
+    from patchcore_edge.imageio import read_rgb
+
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    latest = {(e["config"], e["data"]): e for e in entries}  # a rerun replaces an earlier row
+    images = {"bottle": read_rgb(sorted((BOTTLE / "test" / "broken_small").glob("*.png"))[0])}
+    detectors = []
+    for (config, data), entry in latest.items():
+        if data not in images:  # ELPV (scripts/prepare_elpv.py out/elpv-mono): its first defective cell
+            images[data] = read_rgb(sorted((REPO / "out" / "elpv-mono" / "test" / "defect").glob("*.png"))[0])
+        detector = Detector.load(entry["bundle"], backend="onnxruntime", threads=threads)
+        for _ in range(5):
+            detector.predict(images[data])
+        detectors.append((config, data, detector, [], []))
+    before = os.getloadavg()
+    for _ in range(repeats):
+        for config, data, detector, medians, every in detectors:
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                detector.predict(images[data])
+                times.append((time.perf_counter() - start) * 1000)
+            medians.append(statistics.median(times))
+            every.extend(times)
+    after = os.getloadavg()
+    lines = [f"`Detector.predict` (map included), ONNX Runtime CPU {threads} thread(s), HNSW + exact re-rank, batch 1, "
+             f"one test image per data set (bottle broken_small 900x900; ELPV defect cell 300x300), 5 warm-up "
+             f"calls, {repeats} x {runs} timed calls round-robin; load average {before[0]:.2f} / {before[1]:.2f} "
+             f"before, {after[0]:.2f} / {after[1]:.2f} after.", "",
+             "| candidate | data | predict ms, median of all runs | lowest repeat median |", "| --- | --- | ---: | ---: |"]
+    for config, data, detector, medians, every in detectors:
+        lines.append(f"| {config} | {data} | {statistics.median(every):.1f} | {min(medians):.1f} |")
+        print(lines[-1], flush=True)
+        detector.close()
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -345,7 +389,7 @@ def write_section(name: str, body: List[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=["backbones", "strips"],
-                        choices=("backbones", "strips", "tiles", "macs", "timing"))
+                        choices=("backbones", "strips", "tiles", "macs", "timing", "predict_timing"))
     parser.add_argument("--runs", type=int, default=30, help="timed runs per repeat (--experiments timing)")
     parser.add_argument("--configs", type=int, nargs="+", default=None,
                         help="indices into: " + "; ".join(f"{i}: {c.label}" for i, c in enumerate(BACKBONE_CONFIGS)))
@@ -354,6 +398,10 @@ def main() -> None:
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--strip-ratios", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--strip-train", type=int, default=20, help="train/good images cut into 3 strips each")
+    parser.add_argument("--strip-fits", nargs="+", default=None,
+                        help="fits to run on the strips (crop, squash, letterbox, aspect); default: all")
+    parser.add_argument("--tile-pixel-size", type=int, default=900,
+                        help="longer side of the pixel metrics on the 3x bottle (2700 px); 0: native")
     parser.add_argument("--pixel-size", type=int, default=256, help="longer side of the pixel metrics; 0: native")
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     parser.add_argument("--elpv-dir", type=Path, default=None,
@@ -418,6 +466,13 @@ def main() -> None:
             f"runs then 3 x {args.runs} timed runs per candidate, the repeats round-robin; load average {before:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after.", ""] + rows)
 
+    if "predict_timing" in args.experiments:
+        # Whole `Detector.predict` (read image in memory, preprocess, network, search, map) of every bundle the
+        # backbones experiment logged in --scratch/rows.jsonl, on one test image of its own data set. Run it under
+        # the shared timing lock (flock /work/coord/bench.lock ...).
+        rows = predict_timing(args.scratch / "rows.jsonl", args.runs, args.threads)
+        write_section("predict timing" + args.tag, header + rows)
+
     if "backbones" in args.experiments:
         every = {"bottle": lambda: bottle_subset(scratch, args.train),
                  "elpv": lambda: args.elpv_dir if args.elpv_dir else elpv_subset(scratch, args.train, args.elpv_test)}
@@ -439,6 +494,9 @@ def main() -> None:
         for ratio in args.strip_ratios:
             data_dir = strip_set(scratch, ratio, args.strip_train)
             fits = STRIP_FITS + [Config(f"squash {224 * ratio}x224", fit="squash", size=(224 * ratio, 224))]
+            if args.strip_fits:
+                fits = [c for c in fits if (c.size is not None and "aspect" in args.strip_fits) or
+                        (c.size is None and c.fit in args.strip_fits)]
             for config in fits:
                 outcome = run_config(config, data_dir, scratch, args.coreset, args.pixel_size, f"strip1to{ratio}")
                 recall = end_recall(outcome, data_dir)
@@ -453,15 +511,21 @@ def main() -> None:
 
     if "tiles" in args.experiments:
         data_dir = upscaled_set(scratch, train=min(args.train, 12), test=6)
-        rows = ["| geometry | image AUROC | pixel AUROC | AUPRO | predict ms |", "| --- | --- | --- | --- | --- |"]
+        rows = ["| geometry | image AUROC | pixel AUROC | AUPRO | pixel AUROC / AUPRO per defect | predict ms |",
+                "| --- | --- | --- | --- | --- | --- |"]
         for config in (Config("squash 224 (whole 2700x2700 image)"),
                        Config("tile 672, overlap 64, squash 224 per tile", tile=672, tile_overlap=64)):
-            outcome = run_config(config, data_dir, scratch, args.coreset / 10, args.pixel_size, "bottle_x3")
+            outcome = run_config(config, data_dir, scratch, args.coreset / 10, args.tile_pixel_size or None,
+                                 "bottle_x3")
             m = outcome.metrics
+            per = "; ".join(f"{d} {_f(v['pixel_auroc'])} / {_f(v['aupro'])}"
+                            for d, v in outcome.extra["per_defect"].items())
             rows.append(f"| {config.label} | {_f(m['image_auroc'])} | {_f(m['pixel_auroc'])} | {_f(m['aupro'])} | "
-                        f"{outcome.predict_ms:.0f} |")
+                        f"{per} | {outcome.predict_ms:.0f} |")
+            print(rows[-1], flush=True)
         write_section("tiles" + args.tag, header + [f"Data: bottle x3, {min(args.train, 12)} train images, 6 test images per "
-                                         f"test folder; coreset {args.coreset / 10:.1%}.", ""] + rows)
+                                         f"test folder; coreset {args.coreset / 10:.1%}; pixel metrics at longer side "
+                                         f"{args.tile_pixel_size or 'native'}.", ""] + rows)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,17 @@ def test_run_calibrate_eval_fit_on_the_geometry(setup: Dict[str, Path], name: st
         assert fit["batch"] == big["batch"]
 
 
+def test_tiled_bundles_smallest_defect_is_a_tiles_quarter_cell(setup: Dict[str, Path]) -> None:
+    """The calibration's default minimum defect area follows the tile (64 px into 64 px: 8 px cells), not the
+    whole frame squashed (which would make it (2592 / 64 * 8 / 2)^2 pixels on a 5 MP frame)."""
+    from patchcore_edge.bundle import Bundle
+    from patchcore_edge.calibration.calibrate import default_min_defect_area
+
+    tiled = Bundle.load(setup["tile-roi"])
+    assert default_min_defect_area(tiled, 1944) == default_min_defect_area(tiled, 64) == 16
+    assert default_min_defect_area(Bundle.load(setup["letterbox"]), 1944) == round((8 * 1944 / 64 / 2) ** 2)
+
+
 def test_inspected_fraction_counts_crop_and_region_of_interest_together() -> None:
     half = ((0.0, 0.0), (0.5, 0.0), (0.5, 1.0), (0.0, 1.0))
     crop = InputSpec(fit="crop", resize=64, crop=64, roi=half)  # 64 x 256 resized: the centre quarter is seen
