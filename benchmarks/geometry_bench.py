@@ -515,7 +515,7 @@ def main() -> None:
                 "| --- | --- | --- | --- | --- | --- |"]
         for config in (Config("squash 224 (whole 2700x2700 image)"),
                        Config("tile 672, overlap 64, squash 224 per tile", tile=672, tile_overlap=64)):
-            outcome = run_config(config, data_dir, scratch, args.coreset / 10, args.tile_pixel_size or None,
+            outcome = run_config(config, data_dir, scratch, args.coreset, args.tile_pixel_size or None,
                                  "bottle_x3")
             m = outcome.metrics
             per = "; ".join(f"{d} {_f(v['pixel_auroc'])} / {_f(v['aupro'])}"
@@ -524,7 +524,7 @@ def main() -> None:
                         f"{per} | {outcome.predict_ms:.0f} |")
             print(rows[-1], flush=True)
         write_section("tiles" + args.tag, header + [f"Data: bottle x3, {min(args.train, 12)} train images, 6 test images per "
-                                         f"test folder; coreset {args.coreset / 10:.1%}; pixel metrics at longer side "
+                                         f"test folder; coreset {args.coreset:.0%} for both; pixel metrics at longer side "
                                          f"{args.tile_pixel_size or 'native'}.", ""] + rows)
 
 

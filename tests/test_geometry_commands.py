@@ -198,3 +198,16 @@ def test_export_builds_a_tiled_bundles_engine_for_its_frames(fake, tmp_path: Pat
                                 coreset_ratio=0.25))
     # 96 x 96 frames, 64 px tiles with 32 px overlap: 2 x 2 tiles, one frame one batch.
     assert _profiles(fake)[-1] == ((2, 3, 64, 64), (4, 3, 64, 64), (4, 3, 64, 64))
+
+
+def test_activation_memory_follows_the_network_input_size(setup: Dict[str, Path]) -> None:
+    """A 96 x 64 input holds 1.5x the activations of a 64 x 64 one (same backbone, liveness analysis)."""
+    pytest.importorskip("onnx")
+    from patchcore_edge.bundle import Bundle
+    from patchcore_edge.devices.memory import onnx_peak_activation_bytes
+
+    square = onnx_peak_activation_bytes(setup["crop"] / "features.onnx", 1)
+    wide = onnx_peak_activation_bytes(setup["letterbox"] / "features.onnx", 1)
+    assert square is not None and wide is not None
+    assert wide == pytest.approx(1.5 * square, rel=0.05)
+    assert Bundle.load(setup["letterbox"]).features.grid == (8, 12)
