@@ -391,6 +391,7 @@ def main() -> None:
     parser.add_argument("--experiments", nargs="+", default=["backbones", "strips"],
                         choices=("backbones", "strips", "tiles", "macs", "timing", "predict_timing"))
     parser.add_argument("--runs", type=int, default=30, help="timed runs per repeat (--experiments timing)")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats (--experiments predict_timing)")
     parser.add_argument("--configs", type=int, nargs="+", default=None,
                         help="indices into: " + "; ".join(f"{i}: {c.label}" for i, c in enumerate(BACKBONE_CONFIGS)))
     parser.add_argument("--train", type=int, default=60, help="training images per data set")
@@ -470,7 +471,7 @@ def main() -> None:
         # Whole `Detector.predict` (read image in memory, preprocess, network, search, map) of every bundle the
         # backbones experiment logged in --scratch/rows.jsonl, on one test image of its own data set. Run it under
         # the shared timing lock (flock /work/coord/bench.lock ...).
-        rows = predict_timing(args.scratch / "rows.jsonl", args.runs, args.threads)
+        rows = predict_timing(args.scratch / "rows.jsonl", args.runs, args.threads, args.repeats)
         write_section("predict timing" + args.tag, header + rows)
 
     if "backbones" in args.experiments:
