@@ -484,8 +484,12 @@ def main() -> None:
             config = BACKBONE_CONFIGS[index]
             for name, folder in data.items():
                 outcomes.append(run_config(config, folder, scratch, args.coreset, args.pixel_size, name))
-        body = header + [f"Data: bottle {args.train} train/good, 83 test (masks); ELPV {args.train} good train, "
-                         f"{args.elpv_test} good + {args.elpv_test} defective test (no masks: pixel n/a).", ""]
+        def count(folder: Path, sub: str) -> int:
+            return len([f for f in (folder / sub).rglob("*") if f.is_file() or f.is_symlink()])
+
+        sizes = "; ".join(f"{name} {count(folder, 'train/good')} train/good, {count(folder, 'test')} test"
+                          for name, folder in data.items())
+        body = header + [f"Data: {sizes} (bottle with masks; ELPV has none: pixel n/a).", ""]
         write_section("backbones" + args.tag, body + table(outcomes, ["bottle", "elpv"]) +
                       ["", f"({(time.perf_counter() - started) / 60:.1f} min, load {os.getloadavg()[0]:.1f} at end)"])
 
@@ -524,6 +528,7 @@ def main() -> None:
             rows.append(f"| {config.label} | {_f(m['image_auroc'])} | {_f(m['pixel_auroc'])} | {_f(m['aupro'])} | "
                         f"{per} | {outcome.predict_ms:.0f} |")
             print(rows[-1], flush=True)
+        header[1] = header[1].split("; pixel metrics")[0] + "; ms are medians over the test images."
         write_section("tiles" + args.tag, header + [f"Data: bottle x3, {min(args.train, 12)} train images, 6 test images per "
                                          f"test folder; coreset {args.coreset:.0%} for both; pixel metrics at longer side "
                                          f"{args.tile_pixel_size or 'native'}.", ""] + rows)
