@@ -181,7 +181,7 @@ def strip_set(root: Path, ratio: int, train: int) -> Path:
 
 
 def upscaled_set(root: Path, train: int, test: int, factor: int = 3) -> Path:
-    target = root / f"bottle-x{factor}"
+    target = root / f"bottle-x{factor}-{train}"
 
     def up(path: Path, flags: int = cv2.IMREAD_COLOR, interpolation: int = cv2.INTER_CUBIC) -> np.ndarray:
         image = cv2.imread(str(path), flags)
@@ -401,6 +401,7 @@ def main() -> None:
     parser.add_argument("--strip-train", type=int, default=20, help="train/good images cut into 3 strips each")
     parser.add_argument("--strip-fits", nargs="+", default=None,
                         help="fits to run on the strips (crop, squash, letterbox, aspect); default: all")
+    parser.add_argument("--tile-train", type=int, default=12, help="training images of the 3x bottle (--experiments tiles)")
     parser.add_argument("--tile-pixel-size", type=int, default=900,
                         help="longer side of the pixel metrics on the 3x bottle (2700 px); 0: native")
     parser.add_argument("--pixel-size", type=int, default=256, help="longer side of the pixel metrics; 0: native")
@@ -515,7 +516,7 @@ def main() -> None:
         write_section("strips" + args.tag, header + rows)
 
     if "tiles" in args.experiments:
-        data_dir = upscaled_set(scratch, train=min(args.train, 12), test=6)
+        data_dir = upscaled_set(scratch, train=args.tile_train, test=6)
         rows = ["| geometry | image AUROC | pixel AUROC | AUPRO | pixel AUROC / AUPRO per defect | predict ms |",
                 "| --- | --- | --- | --- | --- | --- |"]
         for config in (Config("squash 224 (whole 2700x2700 image)"),
@@ -529,7 +530,7 @@ def main() -> None:
                         f"{per} | {outcome.predict_ms:.0f} |")
             print(rows[-1], flush=True)
         header[1] = header[1].split("; pixel metrics")[0] + "; ms are medians over the test images."
-        write_section("tiles" + args.tag, header + [f"Data: bottle x3, {min(args.train, 12)} train images, 6 test images per "
+        write_section("tiles" + args.tag, header + [f"Data: bottle x3, {args.tile_train} train images, 6 test images per "
                                          f"test folder; coreset {args.coreset:.0%} for both; pixel metrics at longer side "
                                          f"{args.tile_pixel_size or 'native'}.", ""] + rows)
 

@@ -157,7 +157,8 @@ def test_engine_build_profiles_follow_the_input_and_the_tiles(setup: Dict[str, P
     height, width = (64, 96) if name == "letterbox" else (64, 64)
     if name == "tile-roi":
         refused = _invoke(["engine", "build", str(bundle)], code=2)
-        assert "--image-size" in refused and "tiled bundle" in refused
+        assert "--image-size" in refused and "tiled bundle" in refused and str(bundle) in refused
+        assert len(refused.strip().splitlines()) == 1
         shown = _invoke(["engine", "build", str(bundle), "--image-size", *FRAME, "--verify-images", str(good)])
         assert "192x96 frame: 8 tiles of 64 px" in shown
         assert _profiles(fake) == [((1, 3, 64, 64),) * 3, ((2, 3, 64, 64), (8, 3, 64, 64), (8, 3, 64, 64))]

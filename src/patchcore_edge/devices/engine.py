@@ -252,7 +252,10 @@ def build_and_register(bundle_dir: "Path | str", precision: Optional[str] = None
             "(JetPack ships TensorRT), or run with `--backend onnxruntime`.")
     bundle = Bundle.load(bundle_dir, verify=True)
     spec = bundle.input_spec
-    max_batch, tiles_line = tiled_max_batch(spec, image_size, max_batch, dla_core)
+    try:
+        max_batch, tiles_line = tiled_max_batch(spec, image_size, max_batch, dla_core)
+    except trt.EngineBuildError as error:
+        raise trt.EngineBuildError(f"{bundle_dir}: {error}") from None
     if tiles_line:
         log(tiles_line)
     device = detect_device()
