@@ -89,7 +89,7 @@ class AnomalibDetector:
                               {"predict_torch": (time.perf_counter() - start) * 1000})
 
 
-def run(data: Path, ratio: float, pixel_size: int) -> Dict[str, Optional[float]]:
+def run(data: Path, ratio: float, pixel_size: Optional[int]) -> Dict[str, Optional[float]]:
     torch.manual_seed(0)
     np.random.seed(0)
     detector = AnomalibDetector(WEIGHTS, LAYERS, ratio)
@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, nargs="+")
     parser.add_argument("--ratio", type=float, default=0.1)
-    parser.add_argument("--pixel-size", type=int, default=256)
+    parser.add_argument("--pixel-size", type=int, default=256, help="longer side of the pixel metrics; 0: native")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     import anomalib
@@ -118,7 +118,7 @@ def main() -> None:
     print(f"anomalib {anomalib.__version__}, torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
           f", load {os.getloadavg()[0]:.1f}", flush=True)
     for data in args.data:
-        run(data, args.ratio, args.pixel_size)
+        run(data, args.ratio, args.pixel_size or None)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ from patchcore_edge.runtime.detector import Detector  # noqa: E402
 
 BOTTLE = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 RESULTS = REPO / "benchmarks" / "results" / "geometry.md"
+THREADS = [2]  # ONNX Runtime / torch threads (--threads): 1 for accuracy runs niced on the shared machine
+ROW_LOG: List[Path] = []  # every outcome is appended here as one JSON line, so a stopped run keeps its rows
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def strip_set(root: Path, ratio: int, train: int) -> Path:
 
 
 def upscaled_set(root: Path, train: int, test: int, factor: int = 3) -> Path:
-    target = root / f"bottle-x{factor}"
+    target = root / f"bottle-x{factor}-{train}"
 
     def up(path: Path, flags: int = cv2.IMREAD_COLOR, interpolation: int = cv2.INTER_CUBIC) -> np.ndarray:
         image = cv2.imread(str(path), flags)
@@ -237,7 +239,7 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
     start = time.perf_counter()
     export_bundle(options)
     export_s = time.perf_counter() - start
-    detector = Detector.load(bundle, backend="onnxruntime", threads=2)
+    detector = Detector.load(bundle, backend="onnxruntime", threads=THREADS[0])
     try:
         report = evaluate(detector, discover_mvtec(data), pixel_size=pixel_size)
     finally:
@@ -248,8 +250,20 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
     outcome.predict_ms = float(report["timing"]["predict_ms_median"])
     outcome.mmacs = count_mmacs(config)
     outcome.bundle_mb = sum(f.stat().st_size for f in bundle.iterdir() if f.is_file()) / 2**20
-    outcome.extra = {"export_s": export_s, "inspected": report.get("inspected_fraction"), "bundle": bundle}
+    outcome.extra = {"export_s": export_s, "inspected": report.get("inspected_fraction"), "bundle": bundle,
+                     "per_defect": {d["defect"]: {k: d.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
+                                    for d in report.get("per_defect", [])}}
     shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in outcome.metrics.items())
+    if ROW_LOG:
+        import json
+
+        with ROW_LOG[0].open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"data": label, "config": config.label, **outcome.metrics,
+                                     "features_ms": outcome.features_ms, "predict_ms": outcome.predict_ms,
+                                     "mmacs": outcome.mmacs, "bundle_mb": outcome.bundle_mb, "export_s": export_s,
+                                     "inspected": outcome.extra["inspected"], "bundle": str(bundle),
+                                     "per_defect": outcome.extra["per_defect"],
+                                     "load": os.getloadavg()[0], "time": time.strftime("%H:%M:%S")}) + "\n")
     print(f"[{label}] {config.label}: {shown}; features {outcome.features_ms:.1f} ms, predict "
           f"{outcome.predict_ms:.1f} ms, {outcome.mmacs:.0f} MMAC, {outcome.bundle_mb:.1f} MB, export "
           f"{export_s:.0f}s (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -258,7 +272,7 @@ def run_config(config: Config, data: Path, scratch: Path, coreset: float, pixel_
 
 def end_recall(outcome: Outcome, data: Path) -> Dict[str, float]:
     """Recall of defect regions near the strip ends at the 99th percentile of good strips' map values."""
-    detector = Detector.load(outcome.extra["bundle"], backend="onnxruntime", threads=2)
+    detector = Detector.load(outcome.extra["bundle"], backend="onnxruntime", threads=THREADS[0])
     dataset = discover_mvtec(data)
     good_values: List[np.ndarray] = []
     regions: List[Tuple[bool, float]] = []  # (near an end, region maximum)
@@ -286,6 +300,47 @@ def end_recall(outcome: Outcome, data: Path) -> Dict[str, float]:
     return {"end_regions": len(ends), "end_recall": float(np.mean([v > threshold for v in ends])) if ends else
             float("nan"), "middle_recall": float(np.mean([v > threshold for v in middle])) if middle else
             float("nan")}
+
+
+def predict_timing(log: Path, runs: int, threads: int, repeats: int = 3) -> List[str]:
+    """Median ms of `Detector.predict` per bundle in `log` (rows.jsonl): 5 warm-up calls, then `repeats` x `runs`
+    timed calls, the repeats round-robin over the bundles so that a load change hits every bundle alike."""
+    import json
+
+    from patchcore_edge.imageio import read_rgb
+
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    latest = {(e["config"], e["data"]): e for e in entries}  # a rerun replaces an earlier row
+    images = {"bottle": read_rgb(sorted((BOTTLE / "test" / "broken_small").glob("*.png"))[0])}
+    detectors = []
+    for (config, data), entry in latest.items():
+        if data not in images:  # ELPV (scripts/prepare_elpv.py out/elpv-mono): its first defective cell
+            images[data] = read_rgb(sorted((REPO / "out" / "elpv-mono" / "test" / "defect").glob("*.png"))[0])
+        detector = Detector.load(entry["bundle"], backend="onnxruntime", threads=threads)
+        for _ in range(5):
+            detector.predict(images[data])
+        detectors.append((config, data, detector, [], []))
+    before = os.getloadavg()
+    for _ in range(repeats):
+        for config, data, detector, medians, every in detectors:
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                detector.predict(images[data])
+                times.append((time.perf_counter() - start) * 1000)
+            medians.append(statistics.median(times))
+            every.extend(times)
+    after = os.getloadavg()
+    lines = [f"`Detector.predict` (map included), ONNX Runtime CPU {threads} thread(s), HNSW + exact re-rank, batch 1, "
+             f"one test image per data set (bottle broken_small 900x900; ELPV defect cell 300x300), 5 warm-up "
+             f"calls, {repeats} x {runs} timed calls round-robin; load average {before[0]:.2f} / {before[1]:.2f} "
+             f"before, {after[0]:.2f} / {after[1]:.2f} after.", "",
+             "| candidate | data | predict ms, median of all runs | lowest repeat median |", "| --- | --- | ---: | ---: |"]
+    for config, data, detector, medians, every in detectors:
+        lines.append(f"| {config} | {data} | {statistics.median(every):.1f} | {min(medians):.1f} |")
+        print(lines[-1], flush=True)
+        detector.close()
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -334,8 +389,9 @@ def write_section(name: str, body: List[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=["backbones", "strips"],
-                        choices=("backbones", "strips", "tiles", "macs", "timing"))
+                        choices=("backbones", "strips", "tiles", "macs", "timing", "predict_timing"))
     parser.add_argument("--runs", type=int, default=30, help="timed runs per repeat (--experiments timing)")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats (--experiments predict_timing)")
     parser.add_argument("--configs", type=int, nargs="+", default=None,
                         help="indices into: " + "; ".join(f"{i}: {c.label}" for i, c in enumerate(BACKBONE_CONFIGS)))
     parser.add_argument("--train", type=int, default=60, help="training images per data set")
@@ -343,14 +399,28 @@ def main() -> None:
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--strip-ratios", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--strip-train", type=int, default=20, help="train/good images cut into 3 strips each")
-    parser.add_argument("--pixel-size", type=int, default=256)
+    parser.add_argument("--strip-fits", nargs="+", default=None,
+                        help="fits to run on the strips (crop, squash, letterbox, aspect); default: all")
+    parser.add_argument("--tile-train", type=int, default=12, help="training images of the 3x bottle (--experiments tiles)")
+    parser.add_argument("--tile-pixel-size", type=int, default=900,
+                        help="longer side of the pixel metrics on the 3x bottle (2700 px); 0: native")
+    parser.add_argument("--pixel-size", type=int, default=256, help="longer side of the pixel metrics; 0: native")
+    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
+    parser.add_argument("--elpv-dir", type=Path, default=None,
+                        help="a prepared ELPV folder (scripts/prepare_elpv.py) instead of the built-in selection")
+    parser.add_argument("--data", nargs="+", default=["bottle", "elpv"], choices=("bottle", "elpv"),
+                        help="data sets of --experiments backbones")
     parser.add_argument("--scratch", type=Path, default=REPO / "out" / "geometry_bench")
     parser.add_argument("--tag", default="", help="suffix of the result sections (keeps earlier runs' sections)")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    THREADS[0] = args.threads
+    if args.pixel_size == 0:
+        args.pixel_size = None
+    ROW_LOG.append(args.scratch / "rows.jsonl")
     if not BOTTLE.is_dir():
         sys.exit(f"{BOTTLE}: MVTec AD bottle not found (expected ../shared/data beside the repository)")
     scratch = args.scratch
@@ -359,8 +429,8 @@ def main() -> None:
     command = "python benchmarks/geometry_bench.py " + " ".join(sys.argv[1:])
     header = [f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
               f"{load:.1f} at start). Machine: {cpu_model()}, no GPU, shared by several agents.",
-              f"Coreset {args.coreset:.0%} (greedy, seed 0), HNSW + exact re-rank, ONNX Runtime CPU 2 threads, "
-              f"batch 1; pixel metrics at longer side {args.pixel_size} px; ms are medians over the test images.",
+              f"Coreset {args.coreset:.0%} (greedy, seed 0), HNSW + exact re-rank, ONNX Runtime CPU {args.threads} thread(s), "
+              f"batch 1; pixel metrics at {'native size' if args.pixel_size is None else f'longer side {args.pixel_size} px'}; ms are medians over the test images.",
               ""]
 
     if "macs" in args.experiments:
@@ -398,17 +468,29 @@ def main() -> None:
             f"runs then 3 x {args.runs} timed runs per candidate, the repeats round-robin; load average {before:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after.", ""] + rows)
 
+    if "predict_timing" in args.experiments:
+        # Whole `Detector.predict` (read image in memory, preprocess, network, search, map) of every bundle the
+        # backbones experiment logged in --scratch/rows.jsonl, on one test image of its own data set. Run it under
+        # the shared timing lock (flock /work/coord/bench.lock ...).
+        rows = predict_timing(args.scratch / "rows.jsonl", args.runs, args.threads, args.repeats)
+        write_section("predict timing" + args.tag, header + rows)
+
     if "backbones" in args.experiments:
-        data = {"bottle": bottle_subset(scratch, args.train),
-                "elpv": elpv_subset(scratch, args.train, args.elpv_test)}
+        every = {"bottle": lambda: bottle_subset(scratch, args.train),
+                 "elpv": lambda: args.elpv_dir if args.elpv_dir else elpv_subset(scratch, args.train, args.elpv_test)}
+        data = {name: every[name]() for name in args.data}
         outcomes = []
         chosen = args.configs if args.configs is not None else range(len(BACKBONE_CONFIGS))
         for index in chosen:
             config = BACKBONE_CONFIGS[index]
             for name, folder in data.items():
                 outcomes.append(run_config(config, folder, scratch, args.coreset, args.pixel_size, name))
-        body = header + [f"Data: bottle {args.train} train/good, 83 test (masks); ELPV {args.train} good train, "
-                         f"{args.elpv_test} good + {args.elpv_test} defective test (no masks: pixel n/a).", ""]
+        def count(folder: Path, sub: str) -> int:
+            return len([f for f in (folder / sub).rglob("*") if f.is_file() or f.is_symlink()])
+
+        sizes = "; ".join(f"{name} {count(folder, 'train/good')} train/good, {count(folder, 'test')} test"
+                          for name, folder in data.items())
+        body = header + [f"Data: {sizes} (bottle with masks; ELPV has none: pixel n/a).", ""]
         write_section("backbones" + args.tag, body + table(outcomes, ["bottle", "elpv"]) +
                       ["", f"({(time.perf_counter() - started) / 60:.1f} min, load {os.getloadavg()[0]:.1f} at end)"])
 
@@ -418,6 +500,9 @@ def main() -> None:
         for ratio in args.strip_ratios:
             data_dir = strip_set(scratch, ratio, args.strip_train)
             fits = STRIP_FITS + [Config(f"squash {224 * ratio}x224", fit="squash", size=(224 * ratio, 224))]
+            if args.strip_fits:
+                fits = [c for c in fits if (c.size is not None and "aspect" in args.strip_fits) or
+                        (c.size is None and c.fit in args.strip_fits)]
             for config in fits:
                 outcome = run_config(config, data_dir, scratch, args.coreset, args.pixel_size, f"strip1to{ratio}")
                 recall = end_recall(outcome, data_dir)
@@ -431,16 +516,23 @@ def main() -> None:
         write_section("strips" + args.tag, header + rows)
 
     if "tiles" in args.experiments:
-        data_dir = upscaled_set(scratch, train=min(args.train, 12), test=6)
-        rows = ["| geometry | image AUROC | pixel AUROC | AUPRO | predict ms |", "| --- | --- | --- | --- | --- |"]
+        data_dir = upscaled_set(scratch, train=args.tile_train, test=6)
+        rows = ["| geometry | image AUROC | pixel AUROC | AUPRO | pixel AUROC / AUPRO per defect | predict ms |",
+                "| --- | --- | --- | --- | --- | --- |"]
         for config in (Config("squash 224 (whole 2700x2700 image)"),
                        Config("tile 672, overlap 64, squash 224 per tile", tile=672, tile_overlap=64)):
-            outcome = run_config(config, data_dir, scratch, args.coreset / 10, args.pixel_size, "bottle_x3")
+            outcome = run_config(config, data_dir, scratch, args.coreset, args.tile_pixel_size or None,
+                                 "bottle_x3")
             m = outcome.metrics
+            per = "; ".join(f"{d} {_f(v['pixel_auroc'])} / {_f(v['aupro'])}"
+                            for d, v in outcome.extra["per_defect"].items())
             rows.append(f"| {config.label} | {_f(m['image_auroc'])} | {_f(m['pixel_auroc'])} | {_f(m['aupro'])} | "
-                        f"{outcome.predict_ms:.0f} |")
-        write_section("tiles" + args.tag, header + [f"Data: bottle x3, {min(args.train, 12)} train images, 6 test images per "
-                                         f"test folder; coreset {args.coreset / 10:.1%}.", ""] + rows)
+                        f"{per} | {outcome.predict_ms:.0f} |")
+            print(rows[-1], flush=True)
+        header[1] = header[1].split("; pixel metrics")[0] + "; ms are medians over the test images."
+        write_section("tiles" + args.tag, header + [f"Data: bottle x3, {args.tile_train} train images, 6 test images per "
+                                         f"test folder; coreset {args.coreset:.0%} for both; pixel metrics at longer side "
+                                         f"{args.tile_pixel_size or 'native'}.", ""] + rows)
 
 
 if __name__ == "__main__":

@@ -361,3 +361,23 @@ def test_efficientnet_lite_loads_offline_and_its_stage_table_holds(name: str) ->
             x = module(x)
             assert (x.shape[2], x.shape[3]) == (64 // spec.strides[stage], 128 // spec.strides[stage]), stage
     assert spec.mean == pytest.approx((127 / 255,) * 3) and spec.std == pytest.approx((128 / 255,) * 3)
+
+
+@pytest.mark.parametrize("name, layers, dim", [("efficientnet_lite0", ("blocks.4", "blocks.7"), 120),
+                                               ("efficientnet_lite1", ("blocks.6", "blocks.10"), 120),
+                                               ("efficientnet_lite2", ("blocks.6", "blocks.10"), 136)])
+def test_efficientnet_lite_defaults_are_the_measured_pairs_with_all_channels(name: str, layers: tuple,
+                                                                            dim: int) -> None:
+    """The stage pairs chosen on bottle and ELPV together (benchmarks/results/geometry.md, session 3), strides 8
+    and 16, every channel of both kept: the network's grid has that many channels."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from patchcore_edge.export.backbones import BACKBONES
+
+    spec = BACKBONES[name]
+    assert spec.default_layers == layers and spec.default_feature_dim == dim and spec.measured
+    assert [spec.strides[stage] for stage in layers] == [8, 16]
+    extractor, info = build_extractor(name, "random", InputSpec(fit="squash", crop=64), None)
+    with torch.no_grad():
+        grid = extractor(torch.zeros(1, 3, 64, 64))
+    assert info.feature_dim == info.concat_dim == sum(info.layer_channels) == dim and grid.shape[-1] == dim
+    assert tuple(info.layers) == layers

@@ -400,9 +400,29 @@ def patch_validity(geo: Geometry, grid: Tuple[int, int], roi: Optional[np.ndarra
     return valid.ravel()
 
 
+# The region-of-interest share is measured on a raster with this longer side (exact enough for a report line).
+_FRACTION_RASTER = 512
+
+
 def inspected_fraction(height: int, width: int, spec: InputSpec) -> float:
-    """The fraction of an image of this size that the network sees: 1.0 for squash, letterbox and tiles."""
-    return 1.0 if spec.tile is not None else geometry(height, width, spec).inspected_fraction
+    """The fraction of an image of this size that can score: what the network sees (1.0 for squash, letterbox
+    and tiles; the centre window for crop), and of that only the part inside the region of interest."""
+    geo = geometry(height, width, spec)
+    seen = 1.0 if spec.tile is not None else geo.inspected_fraction
+    if spec.roi is None:
+        return seen
+    # The ROI raster at a reduced size, and the rows/columns the crop window keeps, both in image fractions.
+    scale = min(1.0, _FRACTION_RASTER / max(height, width))
+    h, w = max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+    inside = region_mask(h, w, spec)
+    assert inside is not None
+    if spec.tile is None and spec.fit == "crop":
+        rows = slice(int(round(max(0, geo.top) * h / geo.resized_height)),
+                     int(round(min(geo.resized_height, geo.top + geo.input_height) * h / geo.resized_height)))
+        cols = slice(int(round(max(0, geo.left) * w / geo.resized_width)),
+                     int(round(min(geo.resized_width, geo.left + geo.input_width) * w / geo.resized_width)))
+        return float(inside[rows, cols].sum()) / float(h * w)
+    return float(inside.mean())
 
 
 # ---------------------------------------------------------------------------------------------------- tiling

@@ -264,6 +264,8 @@ def default_min_defect_area(bundle: Bundle, short_side: int) -> int:
     """
     spec = bundle.input_spec
     stride = float(bundle.features.stride)
+    if spec.tile is not None:  # a tiled bundle's network sees one tile at a time: its cells are a tile's
+        short_side = min(short_side, spec.tile)
     # The shorter side's scale: `resize` for a crop, the input's shorter side when the whole image is fitted.
     resize = float(spec.resize) if spec.fit == "crop" else float(min(spec.width, spec.height))
     cell = stride * short_side / resize

@@ -131,7 +131,8 @@ def _read_bundle(bundle_dir: Path, verify_files: bool) -> Bundle:
 @click.option("--memory-mb", type=click.IntRange(1), default=None,
               help="Memory of the machine, for profiles without a fixed size (workstation, cpu-only).")
 @click.option("--image-size", type=(click.IntRange(16, 65536), click.IntRange(16, 65536)), default=None,
-              metavar="W H", help="Camera frame size; needed for a tiled bundle (its tiles are one batch).")
+              metavar="W H", help="Camera frame size: counts the frames and their full-size "
+                                  "maps; needed for a tiled bundle (its tiles are one batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when the bundle does not fit.")
 def fit_command(bundle: Path, device_name: Optional[str], variant: Optional[str], batch: Optional[int],
@@ -191,15 +192,19 @@ def engine_group() -> None:
               help="Use at most this many calibration images.")
 @click.option("--tolerance", type=click.FloatRange(0.0, 1.0), default=None,
               help="Largest accepted relative score change (default: fp32 0.005, fp16 0.02, int8 0.10).")
+@click.option("--image-size", type=(click.IntRange(16, 65536), click.IntRange(16, 65536)), default=None,
+              metavar="W H", help="Camera frame size; a tiled bundle's engine is built for the tiles of one frame "
+                                  "as one batch (needed for a tiled bundle unless --max-batch is given).")
 def build_command(bundle: Path, precision: Optional[str], dla_core: Optional[int], workspace_mb: Optional[int],
                   calibration_images: Optional[Path], max_batch: Optional[int], verify_images: Optional[Path],
-                  calibration_limit: int, tolerance: Optional[float]) -> None:
+                  calibration_limit: int, tolerance: Optional[float], image_size: Optional[Tuple[int, int]]) -> None:
     """Build a TensorRT engine for this device, verify it against ONNX Runtime, register it in BUNDLE."""
     try:
         report = build_and_register(bundle, precision, dla_core=dla_core, workspace_mb=workspace_mb,
                                     max_batch=max_batch, calibration_images=calibration_images,
                                     calibration_limit=calibration_limit, verify_images=verify_images,
-                                    tolerance=tolerance, log=click.echo, warn=lambda line: click.echo(line, err=True))
+                                    tolerance=tolerance, image_size=image_size, log=click.echo,
+                                    warn=lambda line: click.echo(line, err=True))
     except trt.EngineScoreError as error:
         _fail(str(error), code=1)
     except (trt.EngineBuildError, trt.TensorRTUnavailable, trt.CudaError, BundleError) as error:

@@ -19,7 +19,7 @@ from ..trt.verify import FeatureSource, ScoreFunction
 from ..bundle import Bundle, utc_stamp
 from ..imageio import ImageReadError, list_images, read_rgb
 from ..methods import ScorerOptions, scorer_class
-from ..preprocess import InputSpec, preprocess
+from ..preprocess import InputSpec, preprocess, tile_boxes
 from .detect import DeviceInfo, detect_device
 from .profiles import get_profile
 
@@ -111,8 +111,12 @@ def preprocessed_images(folder: Path, spec: InputSpec, limit: int, warn: Log = _
             except ImageReadError as error:
                 warn(f"skipped {error}")
                 continue
-            used += 1
-            yield preprocess(image, spec)
+            # A tiled bundle's network sees tiles, never the whole frame: calibrate and verify on those.
+            for piece in spec.pieces(image)[1]:
+                if used >= limit:
+                    break
+                used += 1
+                yield preprocess(piece, spec)
 
     return read()
 
@@ -120,7 +124,7 @@ def preprocessed_images(folder: Path, spec: InputSpec, limit: int, warn: Log = _
 def synthetic_images(spec: InputSpec, count: int = SYNTHETIC_IMAGES) -> List[np.ndarray]:
     """Smooth textured images (deterministic) when no sample images are given; stated in the verification."""
     rng = np.random.default_rng(0)
-    size = spec.resize
+    size = spec.resize if spec.tile is None else spec.tile  # a tiled bundle's network input is one tile
     ramp = np.linspace(0, 2 * np.pi, size, dtype=np.float32)
     images = []
     for i in range(count):
@@ -189,6 +193,35 @@ class EngineReport:
     notes: List[str] = field(default_factory=list)
 
 
+def tiled_max_batch(spec: InputSpec, image_size: Optional[Tuple[int, int]], max_batch: Optional[int],
+                    dla_core: Optional[int]) -> Tuple[Optional[int], Optional[str]]:
+    """The engine's largest batch for a tiled bundle (issue 18) and a line saying why, or (max_batch, None).
+
+    The runtime sends the tiles of one frame through the network as one batch, so the engine's batch profile is
+    tuned for that count (`image_size`: the camera frame, width x height); an explicit --max-batch wins, DLA
+    stays at 1 (static batch). Raises EngineBuildError for a tiled bundle given neither.
+    """
+    if spec.tile is None:
+        return max_batch, None if image_size is None else "--image-size only matters for a tiled bundle: ignored"
+    if image_size is None:
+        if max_batch is None and dla_core is None:
+            raise trt.EngineBuildError(
+                f"a tiled bundle ({spec.tile} px tiles, overlap {spec.tile_overlap}) runs each frame as one batch "
+                "of its tiles: pass --image-size W H (the camera frame) so that the engine's batch profile "
+                "fits it, or --max-batch N")
+        return max_batch, None
+    count = len(tile_boxes(int(image_size[1]), int(image_size[0]), spec.tile, spec.tile_overlap))
+    frame = f"{image_size[0]}x{image_size[1]} frame: {count} tiles of {spec.tile} px"
+    if dla_core is not None:
+        return max_batch, f"{frame}, run one at a time on the DLA (static batch 1)"
+    if max_batch is not None:
+        chunked = "" if max_batch >= count else f"; frames run in chunks of {max_batch}"
+        return max_batch, f"{frame}, --max-batch {max_batch}{chunked}"
+    chosen = min(count, 256)
+    return chosen, f"{frame}: engine batch profile up to {chosen}" + ("" if chosen == count else
+                                                                     " (frames run in chunks)")
+
+
 def calibration_note(calibration_file: Optional[str], bundle_dir: Path) -> str:
     """Why the bundle's thresholds must be set again now that it has a new engine."""
     command = f"`patchcore-edge calibrate {bundle_dir} GOOD_DIR`"
@@ -202,13 +235,15 @@ def build_and_register(bundle_dir: "Path | str", precision: Optional[str] = None
                        workspace_mb: Optional[int] = None, max_batch: Optional[int] = None,
                        calibration_images: Optional[Path] = None, calibration_limit: int = 300,
                        verify_images: Optional[Path] = None, tolerance: Optional[float] = None,
-                       log: Log = _quiet, warn: Log = _quiet) -> EngineReport:
+                       image_size: Optional[Tuple[int, int]] = None, log: Log = _quiet,
+                       warn: Log = _quiet) -> EngineReport:
     """`engine build`: build an engine for this board, verify it against ONNX Runtime, register it in the bundle.
 
     Reuses the timing (and INT8) cache of an earlier engine for this board and TensorRT version; replaces the
     bundle's engine for the same board, TensorRT, precision and DLA core. The bundle is changed only by
     `update_bundle` at the end, so a failure leaves it as it was. Raises TensorRTUnavailable, BundleError,
-    EngineBuildError (EngineScoreError when only the image scores are beyond the tolerance).
+    EngineBuildError (EngineScoreError when only the image scores are beyond the tolerance). `image_size`: the
+    camera frame (width, height), which sets the batch of a tiled bundle's engine (`tiled_max_batch`).
     """
     available, reason = trt.tensorrt_status()
     if not available:
@@ -217,6 +252,12 @@ def build_and_register(bundle_dir: "Path | str", precision: Optional[str] = None
             "(JetPack ships TensorRT), or run with `--backend onnxruntime`.")
     bundle = Bundle.load(bundle_dir, verify=True)
     spec = bundle.input_spec
+    try:
+        max_batch, tiles_line = tiled_max_batch(spec, image_size, max_batch, dla_core)
+    except trt.EngineBuildError as error:
+        raise trt.EngineBuildError(f"{bundle_dir}: {error}") from None
+    if tiles_line:
+        log(tiles_line)
     device = detect_device()
     profile = get_profile(device.slug)
     if not profile.engines_supported:

