@@ -2,7 +2,13 @@
 (issue 16), next to a PatchCore bundle on the same images.
 
     python benchmarks/trained_methods.py --method patch_svdd --minutes 5 [--data DIR] [--crop 224]
+    python benchmarks/trained_methods.py --method patch_svdd --steps 260 --checkpoint CK --name N
     python benchmarks/trained_methods.py --patchcore BUNDLE          # eval an existing PatchCore bundle only
+
+A schedule fixed by --steps gives the same weights whatever the machine's load (the training is seeded);
+--minutes is then only a safety cap (0: none). --checkpoint resumes a run (e.g. 10 minutes' worth of steps,
+then more steps to reach 30). Training runs under `nice -n 10` with one thread; the record keeps the steps
+done, the training's CPU and wall seconds (from the manifest) and the export process's CPU seconds.
 
 For each method: `patchcore-edge export DATA/train/good --method M --method-param minutes=N ...` (timed, its
 stderr kept), the bundle's size on disk, then `patchcore-edge eval BUNDLE DATA --report R` (image/pixel AUROC,
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -60,7 +67,11 @@ def evaluate(bundle: Path, data: Path, report: Path) -> Dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=("patch_svdd", "multiscale"))
-    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget (0: none)")
+    parser.add_argument("--steps", type=int, default=100000, help="training steps (the schedule, when fixed)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="resume from / save to this file")
+    parser.add_argument("--param", action="append", default=[], help="more --method-param K=V for export")
+    parser.add_argument("--name", default=None, help="bundle / report name (default from the settings)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--max-bank", type=int, default=20000)
@@ -84,17 +95,23 @@ def main() -> None:
                       banks=manifest["method"]["params"].get("banks"))
         record.update(evaluate(given, args.data, args.out / f"{given.name}.eval.json"))
     else:
-        name = f"{args.method}_{args.minutes:g}min_cr{args.coreset_ratio:g}"
+        name = args.name or f"{args.method}_{args.minutes:g}min_cr{args.coreset_ratio:g}"
         bundle = args.out / name
-        params = [f"minutes={args.minutes}", "steps=100000", f"max_bank={args.max_bank}",
-                  f"coreset_ratio={args.coreset_ratio}"]
+        params = [f"minutes={args.minutes}", f"steps={args.steps}", f"max_bank={args.max_bank}",
+                  f"coreset_ratio={args.coreset_ratio}", *args.param]
+        if args.checkpoint is not None:
+            params.append(f"checkpoint={args.checkpoint}")
         command = CLI + ["export", str(args.data / "train" / "good"), "-o", str(bundle), "--method", args.method,
                          "--crop", str(args.crop), "--no-engine", "--force"]
         for p in params:
             command += ["--method-param", p]
         start = time.perf_counter()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = run(command, nice=10)
         export_s = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        record["export_cpu_s"] = round((after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime), 1)
+        record["load_after_export"] = uptime()
         (args.out / f"{name}.export.log").write_text(done.stderr + done.stdout)
         if done.returncode != 0:
             raise SystemExit(f"export failed: {done.stderr[-2000:]}")

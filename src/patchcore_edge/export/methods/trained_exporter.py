@@ -62,7 +62,7 @@ class TrainedPatchMethod(MethodExporter):
 
     @abc.abstractmethod
     def build_model(self, options: TrainedOptions) -> torch.nn.Module:
-        """The encoders with their heads, whose `step_losses` the training loop optimises."""
+        """The encoders with their heads, whose `step_parts` the training loop optimises."""
 
     def needs_training_images(self) -> bool:
         return True
