@@ -104,12 +104,12 @@ def synthetic(repeats: int, seed: int) -> str:
 
 def score_good_images(bundle: Path, folders: Sequence[Path], backend: str, batch_size: int
                       ) -> Tuple[np.ndarray, Dict[str, float]]:
-    from patchcore_edge.bundle import read_manifest
+    from patchcore_edge.bundle import Bundle
     from patchcore_edge.calibration import calibrate as flow
 
-    manifest = read_manifest(bundle)
-    training = flow.training_hashes(bundle, manifest)
-    detector = flow.load_detector(bundle, backend)
+    loaded = Bundle.load(bundle)
+    training = flow.training_hashes(loaded)
+    detector = flow.load_detector(loaded, backend)
     scores: Dict[str, float] = {}
     info = {"training_left_out": 0.0, "skipped": 0.0, "seconds": 0.0}
     start = time.perf_counter()

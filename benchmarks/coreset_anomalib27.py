@@ -3,7 +3,8 @@
 Run with the interpreter of a virtual env that has anomalib 2.7 (torch) and numpy, from the repository root:
     PYTHONPATH=src /work/venv-anomalib/bin/python benchmarks/coreset_anomalib27.py --steps 50,350 --images 20
 It prints one JSON line per measurement (results: benchmarks/results/coreset.md):
-  - ours: greedy_coreset (pruned exact greedy, numpy, one thread) on all bottle patches at 10 %, and its radius;
+  - ours: select_coreset, what `export` runs (on bottle at 10 %: the exact greedy as the one-cell greedy, numpy,
+    one thread) on all bottle patches, and its radius;
   - anomalib: KCenterGreedy(embedding, 0.1).select_coreset_idxs() run for a few and for more steps on all
     patches (every step is the same full pass over N x its projection, so the difference gives the time per
     step, and the full run is extrapolated), and run complete on the first --images images, radius included.
@@ -52,16 +53,17 @@ def main() -> None:
     import anomalib
     import torch
 
-    from patchcore_edge.export.coreset import coverage_radius, greedy_coreset
+    from patchcore_edge.export.coreset import coverage_radius
+    from patchcore_edge.export.coreset_select import select_coreset
 
     torch.set_num_threads(args.threads)
     features = np.ascontiguousarray(np.load(CACHE, allow_pickle=False))
     n, size = len(features), int(len(features) * args.ratio)
     start, cpu = time.perf_counter(), time.process_time()
-    ours = greedy_coreset(features, size)
-    emit({"what": "ours greedy_coreset, all bottle", "n": n, "size": size,
+    ours = select_coreset(features, size)
+    emit({"what": f"ours select_coreset ({ours.method}, {ours.cells} cell(s)), all bottle", "n": n, "size": size,
           "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
-          "radius": coverage_radius(features, ours)})
+          "radius": coverage_radius(features, ours.indices), "radius_recorded": ours.radius})
     few, many = args.steps
     _, t_few = anomalib_select(features, args.ratio, few)
     _, t_many = anomalib_select(features, args.ratio, many)
@@ -72,7 +74,7 @@ def main() -> None:
     sub = np.ascontiguousarray(features[:args.images * 784])
     indices, seconds = anomalib_select(sub, args.ratio)
     start = time.perf_counter()
-    ours_sub = greedy_coreset(sub, len(indices))
+    ours_sub = select_coreset(sub, len(indices)).indices
     ours_seconds = time.perf_counter() - start
     emit({"what": f"first {args.images} images, complete", "n": len(sub), "size": len(indices),
           "anomalib_s": seconds, "anomalib_radius": coverage_radius(sub, indices),

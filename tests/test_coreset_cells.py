@@ -132,11 +132,17 @@ def test_auto_picks_exact_for_small_work_and_partitioned_beyond(monkeypatch: pyt
     assert choose_method(600_000, 60_000, device="cuda") == "exact"
     features = gaussian_clusters(20_000, 16, 20, seed=3)
     small = select_coreset(features, 200, seed=1)
-    assert small.method == "exact" and small.radius == pytest.approx(
-        coverage_radius(features, greedy_coreset(features, 200, seed=1)))
+    # On the CPU the exact greedy is the one-cell greedy: the plain rule from the cell start, its radius free
+    # and equal to the measured one.
+    assert small.method == "exact" and small.cells == 1
+    np.testing.assert_array_equal(small.indices, plain_greedy(features, cell_start(20_000, 1, 0), 200))
+    assert small.radius == pytest.approx(coverage_radius(features, small.indices), rel=1e-4)
     monkeypatch.setattr(coreset_select, "EXACT_WORK_LIMIT", 1e5)
-    big = select_coreset(features, 200, seed=1)
-    assert big.method == "partitioned" and big.cells == coreset_cells.default_cell_count(20_000, 200)
+    default = select_coreset(features, 200, seed=1)
+    assert default.method == "partitioned" and default.cells == coreset_cells.default_cell_count(20_000, 200) == 1
+    assert default.radius == default.radius_bound  # one cell: its bound is the radius, at no cost
+    big = select_coreset(features, 200, seed=1, cells=4)
+    assert big.method == "partitioned" and big.cells == 4
     assert big.radius is None and big.radius_bound is not None and big.seconds > 0
     record = big.to_manifest()
     assert record["selection"] == "partitioned" and record["coverage_radius_bound"] == big.radius_bound
@@ -164,3 +170,12 @@ def test_device_profile_caps_the_bank_so_the_bundle_fits() -> None:
     with pytest.raises(CoresetInputError, match="no memory size"):
         bank_size_limit("cpu-only", dim=96, grid=(28, 28), crop=224, onnx_bytes=1, index_m=16,
                         reweight_neighbours=9)
+
+
+def test_one_cell_reports_progress_every_pass_up_to_the_total() -> None:
+    features = gaussian_clusters(6_000, 16, 25, seed=4)
+    calls: list = []
+    select_coreset(features, 700, method="exact", progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) > 3, calls  # not only when the (single) cell has finished
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and all(t == calls[-1][1] for _, t in calls) and done[-1] == calls[-1][1]

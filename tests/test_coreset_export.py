@@ -42,7 +42,11 @@ def test_dask_local_export_gives_the_in_process_bank(tmp_path: Path) -> None:
                                            "--coreset-method", "partitioned", *extra], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         banks.append(np.load(tmp_path / name / "memory_bank.npy"))
-    np.testing.assert_array_equal(banks[0], banks[1])
+    # The same rows in the same order. Their values may differ in the last bits: torch's convolutions round
+    # differently with a worker's thread count (seen at load 16: 5e-7), so bit equality is not a property of
+    # the feature pass; a different selection would differ by whole feature distances.
+    assert banks[0].shape == banks[1].shape
+    np.testing.assert_allclose(banks[0], banks[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("profile, message", [("cpu-only", "no memory size"), ("no-such-board", "no-such-board")])

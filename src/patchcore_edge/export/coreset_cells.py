@@ -79,8 +79,11 @@ def cell_start(n: int, seed: int, cell: int) -> int:
     return int(np.random.default_rng([seed, cell]).integers(n))
 
 
-def cell_greedy(points: np.ndarray, cap: int, start: int) -> CellResult:
+def cell_greedy(points: np.ndarray, cap: int, start: int,
+                on_round: Optional[Callable[[int], None]] = None) -> CellResult:
     """Greedy k-center on one cell's points to `cap` centres from `start`: local indices and keys.
+
+    `on_round(chosen)` is called after every pass over the cell (a large cell runs for minutes: progress).
 
     Keys are the centres' distances when chosen (inf for the start), non-increasing. Distances are
     |x|^2 + |c|^2 - 2 x.c on coordinates centred on the cell mean. The selection rule is the plain loop's
@@ -106,6 +109,8 @@ def cell_greedy(points: np.ndarray, cap: int, start: int) -> CellResult:
     chosen, round_centres = 1, [int(start)]
     while True:
         _lower_against(centred, norms, np.asarray(round_centres), mind2)
+        if on_round is not None:
+            on_round(chosen)
         if chosen == cap:
             return selected, keys
         round_centres = []
@@ -191,25 +196,29 @@ def _nearest(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.argmin(scores, axis=1)
 
 
-def run_in_process(tasks: Sequence[Callable[[], CellTask]], done: Callable[[int], None]) -> List[CellResult]:
-    """Cell tasks one after another in this process, each cell's points gathered only while it runs."""
+def run_in_process(tasks: Sequence[Callable[[], CellTask]], done: Callable[[int], None],
+                   on_round: Optional[Callable[[int, int], None]] = None) -> List[CellResult]:
+    """Cell tasks one after another in this process, each cell's points gathered only while it runs;
+    `on_round(position, chosen)` after every pass of a cell's greedy."""
     results = []
     for position, make in enumerate(tasks):
         points, cap, seed = make()
-        results.append(cell_greedy(points, cap, seed))
+        report = None if on_round is None else (lambda chosen, at=position: on_round(at, chosen))
+        results.append(cell_greedy(points, cap, seed, report))
         del points
         done(position)
     return results
 
 
 def partitioned_greedy(points: np.ndarray, size: int, seed: int = 0, cells: Optional[int] = None,
-                       runner: CellRunner = run_in_process,
+                       runner: Optional[CellRunner] = None,
                        progress: Optional[Progress] = None) -> CellSelection:
     """`size` centres of float32 `points` [N, d] by the partitioned greedy (module docstring); seeded.
 
     `cells`: number of k-means cells (default: default_cell_count); 1 runs the plain greedy on all points
-    from cell_start(N, seed, 0). `runner` runs the cell tasks (run_in_process, or a Dask runner); the result
-    does not depend on it. `progress(done, total)` counts centres of finished cell runs.
+    from cell_start(N, seed, 0): the exact greedy, whose bound is then its exact coverage radius. `runner`
+    runs the cell tasks (None: in this process; or a Dask runner); the result does not depend on it.
+    `progress(done, total)` counts centres: of finished cell runs, and in process of every pass as well.
     """
     n = points.shape[0]
     if not isinstance(size, (int, np.integer)) or not 1 <= size <= n:
@@ -243,7 +252,12 @@ def partitioned_greedy(points: np.ndarray, size: int, seed: int = 0, cells: Opti
             if progress is not None:
                 progress(min(finished, planned), planned)
 
-        batch_results = runner([make(cell) for cell in pending], done)
+        def on_round(position: int, chosen: int, batch: List[int] = pending) -> None:
+            if progress is not None:
+                progress(min(finished + min(chosen, int(caps[batch[position]])), planned), planned)
+
+        tasks = [make(cell) for cell in pending]
+        batch_results = run_in_process(tasks, done, on_round) if runner is None else runner(tasks, done)
         for cell, result in zip(pending, batch_results):
             results[cell] = result
         taken = _merge_counts(results, size)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
 
 import numpy as np
 
@@ -95,3 +95,16 @@ def require_outputs(bundle: "Bundle", names: Tuple[str, ...]) -> None:
     if missing:
         raise BundleError(f"{bundle.path / 'manifest.json'}: features.outputs {list(bundle.features.outputs)} lack "
                           f"{missing[0]!r}, which method {bundle.method.name} reads; re-export the bundle")
+
+
+Params = TypeVar("Params")
+
+
+def read_params(bundle: "Bundle", parse: Callable[[Mapping[str, Any]], Params],
+                errors: Tuple[Type[Exception], ...]) -> Params:
+    """The method's settings parsed from the manifest's method.params; a bad one is a BundleError naming the
+    manifest (the scorer's own error types, `errors`, say what is wrong)."""
+    try:
+        return parse(bundle.method.params)
+    except errors as error:
+        raise BundleError(f"{bundle.path / 'manifest.json'}: {error}; re-export the bundle") from None

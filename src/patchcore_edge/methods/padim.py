@@ -21,7 +21,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..maps import anomaly_map
-from .base import MethodScore, Scorer, ScorerOptions, require_outputs
+from .base import MethodScore, Scorer, ScorerOptions, read_params, require_outputs
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -182,15 +182,11 @@ class PadimMethod(Scorer):
 
     @classmethod
     def load(cls, bundle: "Bundle", options: ScorerOptions) -> "PadimMethod":
-        where = bundle.path / "manifest.json"
-        try:
-            params = PadimParams.from_manifest(bundle.method.params)
-        except PadimArrayError as error:
-            raise BundleError(f"{where}: {error}; re-export the bundle") from None
+        params = read_params(bundle, PadimParams.from_manifest, (PadimArrayError,))
         require_outputs(bundle, (OUTPUT,))
         expected = (*bundle.features.grid, bundle.features.dim)
         if params.d != bundle.features.dim:
-            raise BundleError(f"{where}: method.params.d={params.d} but the network gives {bundle.features.dim} "
+            raise BundleError(f"{bundle.path / 'manifest.json'}: method.params.d={params.d} but the network gives {bundle.features.dim} "
                               "channels; re-export the bundle")
         mean = bundle.method_array("mean")
         precision = bundle.method_array("precision")

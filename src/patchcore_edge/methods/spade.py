@@ -18,7 +18,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..search import as_bank, blas_threads, row_distances, squared_norms
-from .base import MethodScore, Scorer, ScorerOptions, require_outputs
+from .base import MethodScore, Scorer, ScorerOptions, read_params, require_outputs
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -203,11 +203,7 @@ class SpadeMethod(Scorer):
 
     @classmethod
     def load(cls, bundle: "Bundle", options: ScorerOptions) -> "SpadeMethod":
-        where = bundle.path / "manifest.json"
-        try:
-            params = SpadeParams.from_manifest(bundle.method.params)
-        except SpadeArrayError as error:
-            raise BundleError(f"{where}: {error}; re-export the bundle") from None
+        params = read_params(bundle, SpadeParams.from_manifest, (SpadeArrayError,))
         require_outputs(bundle, (GRID_OUTPUT, GLOBAL_OUTPUT))
         global_features = bundle.method_array("global_features")  # dtype and shape as method.arrays records
         gallery = bundle.method_array("gallery")

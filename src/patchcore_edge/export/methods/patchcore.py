@@ -16,7 +16,6 @@ from ... import search
 from ...preprocess import InputSpec
 from ..backbones import BackboneError
 from ..coreset import CoresetInputError, coreset_size
-from ..coreset_cells import run_in_process
 from .. import coreset_select
 from ..coreset_select import CoresetResult, capped_size, select_coreset
 from ..distributed import DaskUnavailable, dask_client, dask_runner
@@ -123,7 +122,7 @@ class PatchCoreExporter(MethodExporter):
             with client_context as client:
                 result = select_coreset(features, size, method=method, projection_dim=settings.projection_dim,
                                         seed=settings.seed, device=settings.device,
-                                        runner=run_in_process if client is None else dask_runner(client),
+                                        runner=None if client is None else dask_runner(client),
                                         progress=progress)
         except DaskUnavailable as error:
             raise MethodExportError(str(error)) from None
