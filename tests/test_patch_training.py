@@ -55,8 +55,9 @@ def test_backpropagating_the_parts_one_by_one_gives_the_gradient_of_their_sum(mo
     for named, part in model.step_parts(images, rng, generator, 2):
         part.backward()
         total += float(part.detach())
-        assert set(named) <= set(losses) and all(float(v.detach()) == float(losses[k].detach()) for k, v in named.items())
-    assert total == pytest.approx(float(losses["total"]), rel=1e-6)
+        assert set(named) <= set(losses)
+        assert all(float(v.detach()) == float(losses[k].detach()) for k, v in named.items())
+    assert total == pytest.approx(float(losses["total"].detach()), rel=1e-6)
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, summed[name]), name
 
