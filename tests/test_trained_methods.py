@@ -32,7 +32,9 @@ from conftest import elpv_images_dir  # noqa: E402
 SIZE = 128  # the images' side, and the network input of Patch SVDD
 # Multi-scale samples 64-pixel patches that do not overlap: it needs a larger input.
 INPUT = {"patch_svdd": 128, "multiscale": 160}
-TINY = ["steps=2", "images_per_step=2", "patches_per_image=4", "max_bank=2000"]
+# Two patches per loss and image: what these tests check does not depend on how many (the losses and the
+# sampling have their own tests), and the encoders cost most of this file's time.
+TINY = ["steps=2", "images_per_step=2", "patches_per_image=2", "max_bank=2000"]
 
 
 def _images(target: Path, first: int, count: int, seed: int) -> Path:
@@ -86,8 +88,10 @@ def test_export_records_the_schedule_banks_and_the_map_geometry(exported: Path) 
     params = bundle.method.params
     training = params["training"]
     assert training["steps_done"] == 2 and training["stopped_by"] == "steps" and training["images"] == 6
-    assert training["schedule"]["patches_per_image"] == 4 and training["schedule"]["learning_rate"] == 1e-4
+    assert training["schedule"]["patches_per_image"] == 2 and training["schedule"]["learning_rate"] == 1e-4
     assert set(training["final_losses"]) >= {"total"} and training["seconds"] > 0
+    assert training["cpu_seconds"] > 0 and training["epochs"] == pytest.approx(2 * 2 / 6, abs=1e-3)
+    assert training["patches_per_step"] == 4 and not training["abandoned_step"]
     names = [s["output"] for s in params["scales"]]
     assert list(bundle.features.outputs) == names
     side = INPUT[bundle.method.name]
@@ -218,7 +222,7 @@ def test_runtime_matches_torch_through_the_bundle_on_bottle(name: str, bottle: P
     reference (patch_reference.py: cdist over the bank, covering means by transposed convolution) run on the
     same seeded training, which must reproduce the bundle's encoder."""
     torch.set_num_threads(1)
-    train = sorted((bottle / "train" / "good").glob("*.png"))[:5]
+    train = sorted((bottle / "train" / "good").glob("*.png"))[:5]  # an export needs 5
     tests = [sorted((bottle / "test" / "good").glob("*.png"))[0],
              sorted((bottle / "test" / "broken_large").glob("*.png"))[0]]
     options = ExportOptions(nominal_dir=bottle / "train" / "good", output=tmp_path / "bundle", method=name,
@@ -236,7 +240,7 @@ def test_runtime_matches_torch_through_the_bundle_on_bottle(name: str, bottle: P
     method = get_exporter(name)
     images = np.stack([torch_preprocess(read_rgb(p), spec).numpy() for p in train])
     network, _ = method.train_network(images, TrainedOptions(schedule=Schedule(steps=2, images_per_step=2,
-                                                                               patches_per_image=4)))
+                                                                               patches_per_image=2)))
     batch = torch.from_numpy(np.stack([torch_preprocess(read_rgb(p), spec).numpy() for p in tests]))
     want_scores, want_maps = reference_scores(network, batch, banks, method.scales, method.combine, method.window)
     for result, got_map, want, want_map in zip(got, maps, want_scores, want_maps):

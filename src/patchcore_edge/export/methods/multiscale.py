@@ -5,7 +5,7 @@ Maps of the three scales summed; image score the maximum over 8x8 windows (strid
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +14,8 @@ from torch import nn
 from ...methods.patch_maps import Scale, Window
 from .patch_encoders import RelationClassifier, build_encoder
 from .patch_losses import cosine_loss, kmeans_centres, kmeans_loss, relation_loss, svdd_loss
-from .patch_sampling import ANGLE_CLASSES, angle_pairs, crop_patches, near_far_triplets
+from .patch_model import PatchModel, Positions, StepPart
+from .patch_sampling import ANGLE_CLASSES, angle_pairs, near_far_triplets
 from .trained_exporter import TrainedPatchMethod
 from .training import TrainedOptions
 
@@ -22,7 +23,7 @@ KMEANS_K = 50
 KERNELS = (64, 32, 16)
 
 
-class MultiscaleModel(nn.Module):
+class MultiscaleModel(PatchModel):
     def __init__(self, dim: int, lam: float, k: int = KMEANS_K) -> None:
         super().__init__()
         self.lam = lam
@@ -30,29 +31,19 @@ class MultiscaleModel(nn.Module):
         self.encoders = nn.ModuleDict({str(kernel): build_encoder(kernel, dim) for kernel in KERNELS})
         self.classifiers = nn.ModuleDict({key: RelationClassifier(dim, ANGLE_CLASSES) for key in self.encoders})
 
-    def step_losses(self, images: torch.Tensor, rng: np.random.Generator, generator: torch.Generator,
-                    patches_per_image: int) -> Dict[str, torch.Tensor]:
-        batch, _, height, width = images.shape
-        n = batch * patches_per_image
-        which = np.repeat(np.arange(batch), patches_per_image)
-        losses: Dict[str, torch.Tensor] = {}
-        total = images.new_zeros(())
-        for key, module in self.encoders.items():
-            encoder: Any = module  # an encoder of patch_encoders (ModuleDict types its items as Module)
-            kernel = int(encoder.kernel)
-            anchor, near, far = near_far_triplets(rng, n, height, width, kernel)
-            first, second, labels = angle_pairs(rng, n, height, width, kernel)
-            positions = (anchor, near, far, first, second)
-            patches = torch.cat([crop_patches(images, which, p, kernel) for p in positions])
-            a, b, c, d, e = encoder.codes(patches).split(n)
-            target = torch.as_tensor(labels, dtype=torch.long, device=images.device)
-            parts = {"svdd": svdd_loss(a, b), "cos": cosine_loss(a, b, c),
-                     "ssl": relation_loss(self.classifiers[key](d, e), target),
-                     "kmeans": kmeans_loss(a, kmeans_centres(a, self.k, generator))}
-            total = total + self.lam * (parts["svdd"] + parts["cos"]) + parts["ssl"] + parts["kmeans"]
-            losses.update({f"{name}{kernel}": value for name, value in parts.items()})
-        losses["total"] = total
-        return losses
+    def sample(self, rng: np.random.Generator, n: int, height: int, width: int,
+               kernel: int) -> Tuple[Positions, np.ndarray]:
+        anchor, near, far = near_far_triplets(rng, n, height, width, kernel)
+        first, second, labels = angle_pairs(rng, n, height, width, kernel)
+        return [anchor, near, far, first, second], labels
+
+    def losses(self, key: str, codes: Tuple[torch.Tensor, ...], target: torch.Tensor,
+               generator: torch.Generator) -> StepPart:
+        a, b, c, d, e = codes
+        named: Dict[str, torch.Tensor] = {"svdd": svdd_loss(a, b), "cos": cosine_loss(a, b, c),
+                                          "ssl": relation_loss(self.classifiers[key](d, e), target),
+                                          "kmeans": kmeans_loss(a, kmeans_centres(a, self.k, generator))}
+        return named, self.lam * (named["svdd"] + named["cos"]) + named["ssl"] + named["kmeans"]
 
 
 class Multiscale(TrainedPatchMethod):

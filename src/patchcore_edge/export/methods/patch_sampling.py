@@ -101,4 +101,6 @@ def crop_patches(images: torch.Tensor, image_index: np.ndarray, positions: np.nd
     cols = torch.as_tensor(positions[:, 1], dtype=torch.long, device=device)[:, None] + offsets[None, :]
     channels_last = images.permute(0, 2, 3, 1)
     patches = channels_last[index[:, None, None], rows[:, :, None], cols[:, None, :]]  # [n, K, K, 3]
-    return patches.permute(0, 3, 1, 2).contiguous()
+    # Left in channels-last memory (no .contiguous()): the CPU convolutions (oneDNN) run about 1.3x faster
+    # on it than on NCHW, forward and backward, for the same values.
+    return patches.permute(0, 3, 1, 2)

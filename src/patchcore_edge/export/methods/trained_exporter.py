@@ -25,8 +25,9 @@ HELD_OUT_IMAGES = 16
 
 PARAMETERS: Tuple[MethodParameter, ...] = (
     MethodParameter("steps", int, 1000, "training steps (Adam updates)", minimum=1),
-    MethodParameter("minutes", float, 0.0, "stop training after this many minutes (0: no time limit); "
-                    "the steps run are recorded", minimum=0),
+    MethodParameter("minutes", float, 0.0, "stop training after this many minutes (0: no time limit): no "
+                    "step starts that the last one's time says would overrun it, and a step it cuts between two "
+                    "encoders is dropped whole; the steps run are recorded", minimum=0),
     MethodParameter("images_per_step", int, 8, "images drawn per training step", minimum=1),
     MethodParameter("patches_per_image", int, 32, "patches (pairs, triplets) per loss and image in a step",
                     minimum=1),
@@ -62,7 +63,7 @@ class TrainedPatchMethod(MethodExporter):
 
     @abc.abstractmethod
     def build_model(self, options: TrainedOptions) -> torch.nn.Module:
-        """The encoders with their heads, whose `step_losses` the training loop optimises."""
+        """The encoders with their heads, whose `step_parts` the training loop optimises."""
 
     def needs_training_images(self) -> bool:
         return True
