@@ -400,6 +400,36 @@ def default_cells(count: int) -> int:
     return int(max(1, min(count, round(np.sqrt(count) / 2.0))))
 
 
+def nearest_centre(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre per row (k-means assignment): |c|^2 - 2 x.c orders the centres as |x - c|^2
+    does (|x|^2 is the same for every centre); an approximate argmin only moves a border point."""
+    values = rows @ centres.T
+    values *= -2.0
+    values += squared_norms(centres)[None, :]
+    assigned: np.ndarray = values.argmin(axis=1)
+    return assigned
+
+
+def cell_index_resident_bytes(count: int, dim: int) -> int:
+    """Memory of a `CellIndex` over `count` x `dim` rows: the reordered bank with a norm row, the centres likewise,
+    and the row order."""
+    return count * (dim + 1) * 4 + default_cells(count) * (dim + 1) * 4 + count * 8
+
+
+def search_bank_bytes(count: int, dim: int) -> int:
+    """Memory `PatchSearch` keeps beside any index: the bank, its squared norms and (banks up to 64 MiB) its
+    centred copy."""
+    bank = count * dim * 4
+    return bank + count * 4 + (bank if bank <= _CENTRED_COPY_BYTES else 0)
+
+
+def _first_per_group(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Positions in `order` (a lexsort whose primary key is `groups`) that start a new group: the best of each."""
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = groups[order][1:] != groups[order][:-1]
+    return first
+
+
 def _augmented(rows: np.ndarray) -> np.ndarray:
     """[-2 x, ||x||^2] per row, transposed (float32 [D + 1, n]): one product with [q, 1] gives ||x||^2 - 2 q.x,
     which orders the rows by distance to q (||q||^2 is the same for every row)."""
@@ -428,13 +458,13 @@ class CellIndex:
             sample = data if count <= _KMEANS_SAMPLE else data[np.sort(rng.choice(count, _KMEANS_SAMPLE, replace=False))]
             centres = sample[np.sort(rng.choice(sample.shape[0], k, replace=False))].copy()
             for _ in range(_KMEANS_ITERATIONS):
-                assign = self._nearest_centre(sample, centres)
+                assign = nearest_centre(sample, centres)
                 sizes = np.bincount(assign, minlength=k)
                 filled = sizes > 0  # an emptied cell keeps its centre
                 starts = (np.cumsum(sizes) - sizes)[filled]
                 sums = np.add.reduceat(sample[np.argsort(assign, kind="stable")], starts, axis=0)
                 centres[filled] = sums / sizes[filled, None].astype(np.float32)
-            assign = self._nearest_centre(data, centres)
+            assign = nearest_centre(data, centres)
         # Cells that end up empty are dropped (a probe must name rows); the others keep their order.
         used = np.flatnonzero(np.bincount(assign, minlength=k))
         if used.size < k:
@@ -447,13 +477,6 @@ class CellIndex:
         self.bounds = np.searchsorted(assign[order], np.arange(k + 1)).astype(np.int64)
         self.centres = _augmented(centres)
         self.members = _augmented(data[order])
-
-    @staticmethod
-    def _nearest_centre(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
-        values = rows @ centres.T
-        values *= -2.0
-        values += squared_norms(centres)[None, :]
-        return values.argmin(axis=1)
 
     def default_probes(self) -> int:
         """DEFAULT_PROBES cells, more when that scans fewer than _MIN_SCANNED_ROWS rows (all cells of a small bank)."""
@@ -493,8 +516,7 @@ class CellIndex:
                 found[start:stop] = local + low
         # Per query, the probe with the smallest value (lexsort: last key primary).
         best = np.lexsort((values, query))
-        first = np.ones(best.size, dtype=bool)
-        first[1:] = query[best][1:] != query[best][:-1]
+        first = _first_per_group(query, best)
         rows = np.empty(n, dtype=np.int64)
         rows[query[best[first]]] = self.rows[found[best[first]]]
         return rows
@@ -676,8 +698,7 @@ class PatchSearch:
         distances = row_distances(q[query], self.bank[row])
         # Per query: the smallest direct distance, then the lowest row (lexsort: the last key is the primary one).
         order = np.lexsort((row, distances, query))
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = query[order][1:] != query[order][:-1]
+        first = _first_per_group(query, order)
         best = np.empty(n, dtype=np.int64)
         best[query[order][first]] = row[order][first]
         return best

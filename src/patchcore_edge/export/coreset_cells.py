@@ -36,6 +36,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..search import nearest_centre
 from .coreset import CoresetInputError, Progress
 
 # A cell task: (its points float32 [n, d], centres to select, first centre). Its result: (local indices, keys).
@@ -171,7 +172,7 @@ def kmeans_labels(points: np.ndarray, cells: int, seed: int) -> np.ndarray:
     sample = points[np.sort(rng.choice(n, sample_size, replace=False))].astype(np.float32)
     centroids = sample[rng.choice(sample_size, cells, replace=False)].copy()
     for _ in range(_KMEANS_ITERATIONS):
-        nearest = _nearest(sample, centroids)
+        nearest = nearest_centre(sample, centroids)
         counts = np.bincount(nearest, minlength=cells)
         sums = np.stack([np.bincount(nearest, weights=sample[:, d], minlength=cells)
                          for d in range(sample.shape[1])], axis=1)
@@ -179,21 +180,13 @@ def kmeans_labels(points: np.ndarray, cells: int, seed: int) -> np.ndarray:
         centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
     labels = np.empty(n, dtype=np.int64)
     for start in range(0, n, _ASSIGN_ROWS):
-        labels[start:start + _ASSIGN_ROWS] = _nearest(np.asarray(points[start:start + _ASSIGN_ROWS],
+        labels[start:start + _ASSIGN_ROWS] = nearest_centre(np.asarray(points[start:start + _ASSIGN_ROWS],
                                                                  dtype=np.float32), centroids)
     used = np.flatnonzero(np.bincount(labels, minlength=cells))
     renumber = np.full(cells, -1, dtype=np.int64)
     renumber[used] = np.arange(used.size)
     labels = renumber[labels]
     return labels
-
-
-def _nearest(rows: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    # |c|^2 - 2 x.c orders the centroids as |x - c|^2 does; an approximate argmin only moves a border point.
-    scores = rows @ centroids.T
-    scores *= -2.0
-    scores += np.einsum("ij,ij->i", centroids, centroids)[None, :]
-    return np.argmin(scores, axis=1)
 
 
 def run_in_process(tasks: Sequence[Callable[[], CellTask]], done: Callable[[int], None],

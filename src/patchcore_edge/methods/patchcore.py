@@ -18,7 +18,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..scoring import PatchScores, image_scores
-from ..search import (PatchSearch, check_neighbours_sample, default_cells,
+from ..search import (PatchSearch, cell_index_resident_bytes, check_neighbours_sample, search_bank_bytes,
                       validate_neighbours)
 from .base import MethodScore, Scorer, ScorerOptions
 
@@ -77,12 +77,7 @@ class PatchCoreScorer(Scorer):
     def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
         count, dim = bundle.method.arrays["memory_bank"].shape
         b = bundle.method.arrays["bank_neighbours"].shape[1]
-        # The bank, its squared norms and (banks up to 64 MiB) its centred copy, which PatchSearch keeps beside it;
-        # the cells: the bank reordered with a norm row, the centres likewise, and the row order.
-        bank = count * dim * 4 + count * 4
-        centred = count * dim * 4 if count * dim * 4 <= 64 * 1024 * 1024 else 0
-        cells = default_cells(count)
-        return {"bank": bank + centred, "index": count * (dim + 1) * 4 + cells * (dim + 1) * 4 + count * 8,
+        return {"bank": search_bank_bytes(count, dim), "index": cell_index_resident_bytes(count, dim),
                 "neighbours": count * b * 4}
 
     def patch_scores(self, grid: np.ndarray, valid: Optional[np.ndarray] = None) -> List[PatchScores]:

@@ -84,7 +84,7 @@ class Detector:
     """A loaded bundle: feature backend + the bundle's scoring method (+ calibration when present)."""
 
     def __init__(self, bundle: Bundle, backend: FeatureBackend, backend_note: str, scorer: Scorer,
-                 calibration: Optional[Calibration] = None) -> None:
+                 calibration: Optional[Calibration] = None, threads: Optional[int] = None) -> None:
         self.bundle = bundle
         self.backend = backend
         self.backend_note = backend_note
@@ -100,7 +100,7 @@ class Detector:
         self.spec = bundle.input_spec
         self.sigma = bundle.map_sigma
         # The pre-processing's second thread (`predict_batch`) only when the budget has a second core.
-        self.threads = available_cores()
+        self.threads = threads or available_cores()
         self.map_scale = map_scale_for(bundle, calibration)
 
     @property
@@ -155,9 +155,7 @@ class Detector:
         scorer = method.load(bundle, ScorerOptions(ef=ef, exact_search=exact_search, threads=threads,
                                                    exact_map_above=level, exact_map_reach=reach))
         features_backend, note = open_backend(bundle, backend, threads)
-        detector = cls(bundle, features_backend, note, scorer, current)
-        detector.threads = threads
-        return detector
+        return cls(bundle, features_backend, note, scorer, current, threads)
 
     def __enter__(self) -> "Detector":
         return self
