@@ -13,6 +13,7 @@ from typing import Tuple
 import numpy as np
 import pytest
 
+from patchcore_edge import search as search_module
 from patchcore_edge.scoring import image_scores
 from patchcore_edge.search import CellIndex, PatchSearch, bank_neighbours, default_cells, row_distances
 
@@ -142,3 +143,18 @@ def test_real_bundle_scores_equal_exact_search_in_every_batch(tiny_bundle: Path)
         all_at_once = [r.score for r in fast.predict_batch(images, maps=False)]
         again = [r.score for r in fast.predict_batch(images, maps=False)]
     assert one == reference and all_at_once == reference and again == reference
+
+
+def test_two_threads_name_the_same_rows_as_one() -> None:
+    """The second thread takes half of the probed cells: the rows named (ties included) must not change."""
+    bank, images = _world()
+    cells = CellIndex(bank, 16)
+    queries = np.ascontiguousarray(np.tile(images.reshape(-1, bank.shape[1]), (2, 1)))
+    rows_per_cell = bank.shape[0] / cells.cells
+    assert queries.shape[0] * 4 * rows_per_cell > search_module._TWO_THREAD_WORK  # the two-thread path runs
+    for probes in (1, 4):
+        np.testing.assert_array_equal(cells.nearest_rows(queries, probes, threads=2),
+                                      cells.nearest_rows(queries, probes, threads=1))
+    # Ties between cells resolve to the lower cell in both: the duplicated rows name the lower one.
+    on_duplicate = cells.nearest_rows(bank[95:96], 16, threads=1)
+    assert int(on_duplicate[0]) == 95
