@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import make_nominal_folder
+from patchcore_edge.search import build_index, save_index
 
 
 def test_top_level_names_without_torch() -> None:
@@ -57,11 +59,13 @@ def test_bundle_model_exposes_typed_parts(tiny_bundle: Path) -> None:
     from patchcore_edge import Bundle
 
     bundle = Bundle.load(tiny_bundle)
-    assert bundle.format_version == 2 and bundle.method.name == "patchcore"
+    assert bundle.format_version == 3 and bundle.method.name == "patchcore"
     bank = bundle.method_array("memory_bank")
     assert bank.shape == bundle.method.arrays["memory_bank"].shape and bank.shape[1] == bundle.features.dim
     assert bundle.features.outputs == ("features",) and bundle.input_spec.crop == 64
-    assert bundle.method_file("index").is_file() and bundle.calibration is None
+    # Format 3: no index file, the first pass is derived from the bank (recorded in params).
+    assert bundle.method.files == {} and bundle.calibration is None
+    assert bundle.method.params["first_pass"]["kind"] == "kmeans_cells"
     assert set(bundle.fingerprint()) >= {"features_sha256", "memory_bank_sha256"}
     described = bundle.describe()
     assert described["method"]["name"] == "patchcore" and "files" not in described
@@ -77,13 +81,17 @@ def test_version_1_bundle_is_migrated_in_memory(tiny_bundle: Path, tmp_path: Pat
     manifest = json.loads((old / MANIFEST).read_text())
     method = manifest.pop("method")
     params = method["params"]
-    manifest.update(format_version=1, coreset=params["coreset"], index=params["index"])
+    # Format 1 always carried index.hnsw (written here as that release did) and its settings.
+    save_index(build_index(np.load(old / "memory_bank.npy")), old / "index.hnsw")
+    data = (old / "index.hnsw").read_bytes()
+    manifest["files"]["index.hnsw"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest.update(format_version=1, coreset=params["coreset"], index={"M": 16, "ef_construction": 200, "ef": 32})
     manifest["score"].update(method="patchcore", reweight_neighbours=params["reweight_neighbours"],
                              rerank=params["rerank"])
     del manifest["features"]["outputs"]
     (old / MANIFEST).write_text(json.dumps(manifest))
     loaded = Bundle.load(old)
-    assert loaded.format_version == 2 and loaded.method.params["rerank"] == params["rerank"]
+    assert loaded.format_version == 3 and loaded.method.params["rerank"] == params["rerank"]
     image = np.full((80, 80, 3), 120, np.uint8)
     with Detector.load(old, backend="onnxruntime") as a, Detector.load(tiny_bundle, backend="onnxruntime") as b:
         assert a.predict(image).score == b.predict(image).score

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from conftest import make_nominal_folder
 from patchcore_edge.bundle import read_manifest
 from patchcore_edge.cli import main
+from patchcore_edge.search import default_cells
 
 pytest.importorskip("torch")
 
@@ -68,9 +69,11 @@ def test_bad_files_are_skipped_and_named_and_the_manifest_tells_the_truth(messy_
     bank = np.load(out / "memory_bank.npy", allow_pickle=False)
     assert bank.shape == (manifest["method"]["params"]["coreset"]["size"], manifest["features"]["dim"]) and bank.dtype == np.float32
     assert manifest["features"]["onnx_parity"]["max_abs_diff"] <= manifest["features"]["onnx_parity"]["tolerance"]
-    assert {"M", "ef_construction", "ef"} <= set(manifest["method"]["params"]["index"])
-    assert set(manifest["files"]) >= {"memory_bank.npy", "bank_neighbours.npy", "index.hnsw", "features.onnx",
-                                      "training_images.json"}
+    assert manifest["format_version"] == 3 and "index" not in manifest["method"]["params"]
+    assert manifest["method"]["params"]["first_pass"] == {"kind": "kmeans_cells", "cells": default_cells(bank.shape[0])}
+    # No search index file since format 3: the runtime derives its first pass from the bank.
+    assert set(manifest["files"]) == {"memory_bank.npy", "bank_neighbours.npy", "features.onnx",
+                                      "training_images.json"} and not (out / "index.hnsw").exists()
 
 
 def test_too_few_images_is_one_line_with_the_count(tmp_path: Path) -> None:

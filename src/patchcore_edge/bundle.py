@@ -26,9 +26,10 @@ import numpy as np
 from .preprocess import InputSpec
 
 FORMAT_NAME = "patchcore-edge-bundle"
-FORMAT_VERSION = 2
-# Version 1 (PatchCore only) is still read: it is migrated to version 2 in memory.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Versions 1 and 2 are still read: version 1 (PatchCore only) is migrated in memory; version 3 only stopped
+# writing PatchCore's unused hnswlib index (a version 2 bundle that has one still loads and verifies it).
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 

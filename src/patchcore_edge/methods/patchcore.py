@@ -5,9 +5,9 @@ module reads the method's arrays from the bundle, checks them against each other
 the math to the `Scorer` interface.
 
 The first pass is the bank's k-means cells (`search.CellIndex`, derived from the bank when the bundle loads:
-4x cheaper than the bundle's hnswlib index at the same recall on the bottle bank, issue 13). The bundle still
-carries `index.hnsw` (format 2 is unchanged: runtimes from before this change still load a new bundle); this runtime does not
-read it. `ef` (`--ef`) is the number of cells probed per patch here.
+4x cheaper than an hnswlib index at the same recall on the bottle bank, issue 13), so the bundle carries no index
+file (format 3; a format 2 bundle's `index.hnsw` is verified with the other files but not read). `ef` (`--ef`) is
+the number of cells probed per patch here.
 """
 
 from __future__ import annotations
