@@ -69,7 +69,9 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
 @click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--ef", type=click.IntRange(1), default=None, help="HNSW search breadth recorded as the runtime default.")
+@click.option("--ef", type=click.IntRange(1), default=None,
+              help="Patch SVDD / multi-scale: HNSW search breadth recorded as the runtime default (PatchCore has no "
+                   "index to record it in: set its cells probed per patch with `run --ef`).")
 @click.option("--engine/--no-engine", default=True, show_default=True,
               help="Build a TensorRT engine when TensorRT and a GPU are present.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle: any other folder is refused).")
@@ -81,6 +83,10 @@ def export_command(nominal_dir: Path, output: Path, method: str, method_params: 
                    coreset_method: str, device_profile: Optional[str], dask_address: Optional[str], device: str, seed: int, batch_size: int, ef: Optional[int], engine: bool, force: bool,
                    quiet: bool) -> None:
     """Build a bundle (PatchCore by default, see --method) from a folder of defect-free images."""
+    if ef is not None and method == "patchcore":
+        # Refused, not ignored: a user who sets it expects it to take effect.
+        raise click.UsageError("--ef is recorded only by methods with an HNSW index; PatchCore's first pass is set "
+                               "at run time: `patchcore-edge run BUNDLE ... --ef N` (k-means cells probed per patch)")
     try:
         import torch  # noqa: F401
     except ImportError:
