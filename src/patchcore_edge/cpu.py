@@ -8,6 +8,12 @@ other (issue 13: 7 threads on 2 cores).
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+_helper: Optional[ThreadPoolExecutor] = None
+_helper_lock = threading.Lock()
 
 
 def available_cores() -> int:
@@ -16,3 +22,24 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def helper_thread() -> ThreadPoolExecutor:
+    """The runtime's one second thread (pre-processing's lower band, the cells' second half of probed cells): the
+    caller does its own half meanwhile, so two cores are used without a pool per stage; an idle worker waits on a
+    queue (nothing spins). Tasks never wait on each other, so sharing it cannot deadlock."""
+    global _helper
+    with _helper_lock:
+        if _helper is None:
+            _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-helper")
+        return _helper
+
+
+def _forget_helper() -> None:
+    # A forked child has the executor object but not its thread: work handed to it would never run.
+    global _helper, _helper_lock
+    _helper, _helper_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_helper)

@@ -22,14 +22,13 @@ enlarge the other; it then runs one pass per axis.
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+
+from .cpu import helper_thread
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -231,27 +230,6 @@ def _area_block(image: np.ndarray, geo: Geometry, rows: Tuple[int, int],
     return out[:bottom - top, :right - left]
 
 
-_helper: Optional[ThreadPoolExecutor] = None
-_helper_lock = threading.Lock()
-
-
-def _helper_thread() -> ThreadPoolExecutor:
-    global _helper
-    with _helper_lock:
-        if _helper is None:
-            _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-resize")
-        return _helper
-
-
-def _forget_helper() -> None:
-    # A forked child has the executor object but not its thread: work handed to it would never run.
-    global _helper, _helper_lock
-    _helper, _helper_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_forget_helper)
-
 # Below this many source pixels a second thread costs more than it saves.
 _SPLIT_PIXELS = 1 << 18
 
@@ -271,7 +249,7 @@ def _shrink_crop(image: np.ndarray, geo: Geometry, parallel: bool) -> Optional[n
         return None if block is None else block[geo.top - first_row:, geo.left - cols[0]:]
     # The upper band on the helper thread, the lower one here: cv2.resize releases the GIL, and its own
     # parallel_for splits an area resize of this size into a single stripe, so it would use one core.
-    upper = _helper_thread().submit(_area_block, image, geo, (first_row, cut), cols)
+    upper = helper_thread().submit(_area_block, image, geo, (first_row, cut), cols)
     lower = _area_block(image, geo, (cut, bottom), cols)
     top_part = upper.result()
     if top_part is None or lower is None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import math
 import os
 import struct
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Optional, Tuple, Union
 
 import hnswlib  # type: ignore[import-untyped]
 import numpy as np
+from .cpu import helper_thread
 from .errors import FileProblem
 
 # Chosen from benchmarks/results/search.md (real MobileNetV2 bottle features, 784 queries per image):
@@ -533,7 +532,7 @@ class CellIndex:
             work = (stops - starts) * (highs - lows)
             if threads >= 2 and int(work.sum()) >= _TWO_THREAD_WORK:
                 half = int(np.searchsorted(np.cumsum(work), work.sum() / 2.0)) + 1
-                pending = _worker().submit(scan, half, starts.size)
+                pending = helper_thread().submit(scan, half, starts.size)
                 scan(0, half)
                 pending.result()
             else:
@@ -546,19 +545,6 @@ class CellIndex:
         pick = by_query.reshape(n, probes).argmin(axis=1)
         rows: np.ndarray = self.rows[rows_at.reshape(n, probes)[np.arange(n), pick]]
         return rows
-
-
-_WORKER: Optional[ThreadPoolExecutor] = None
-_WORKER_LOCK = threading.Lock()
-
-
-def _worker() -> ThreadPoolExecutor:
-    """The one helper thread of the cells' first pass (idle threads wait on a queue: nothing spins)."""
-    global _WORKER
-    with _WORKER_LOCK:
-        if _WORKER is None:
-            _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-cells")
-        return _WORKER
 
 
 class PatchSearch:
