@@ -173,7 +173,9 @@ def side_by_side(args: Any, paths: Sequence[Path]) -> None:
                       f"{(eight['search_score'] + eight['map']) / eight['features']:.2f}", ""]
     text = "\n".join(lines) + "\n"
     print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    print(f"report written to {args.out}")
 
 
 def _anomalib_note(onnx: Path) -> str:

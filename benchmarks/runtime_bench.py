@@ -1,7 +1,11 @@
 """Benchmark: runtime latency per stage, images/s, HNSW vs exact search, torch parity and peak memory (issue 3).
 
-    python benchmarks/runtime_bench.py                    # full run (~5 min on 2 cores), writes results/runtime.md
+    python benchmarks/runtime_bench.py                    # full run (~5 min on 2 cores)
     python benchmarks/runtime_bench.py --quick --out /tmp/runtime.md     # 24 images, 2 runs: checks the script
+
+Each run writes a generated report (default: out/runtime_bench/runtime.md, or runtime_vs_anomalib-CONDITION.md
+with --anomalib; out/ is git-ignored). The files in benchmarks/results/ hold several sessions' sections, edited
+by hand from these reports, so no run overwrites them unless --out names one.
 
 The bundle is the default export of MVTec AD bottle (MobileNetV2, 10 % coreset); it is exported once into
 out/bench/bottle-default (git-ignored) when missing and reused. The 83 bottle test images go through
@@ -20,7 +24,7 @@ from results/search.md, not re-measured.
 
 The 2 cores are shared with other jobs. Around every timing block the benchmark records the load average and,
 from /proc/stat minus its own CPU time, the share of the CPUs that other processes used; above 10 % the block's
-timings are flagged as inflated. The whole results file is generated; re-running the command rewrites it.
+timings are flagged as inflated.
 """
 
 from __future__ import annotations
@@ -854,7 +858,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="timed passes per configuration")
     parser.add_argument("--ba-rounds", type=int, default=4, help="before/after child processes per side")
     parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision timed as 'before'")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "runtime.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report file (default: out/runtime_bench/runtime.md, or "
+                             "runtime_vs_anomalib-CONDITION.md with --anomalib)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_IMAGES} images, 2 runs: checks the script")
     parser.add_argument("--skip", nargs="*", default=[], choices=["parity", "before-after", "ideas"])
     for hidden in ("--rss-child", "--with-torch", "--whole-batch", "--stage-child"):
@@ -869,6 +875,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args.argv = list(argv)
     if args.quick:
         args.runs, args.ba_rounds = min(args.runs, 2), min(args.ba_rounds, 2)
+    if args.out is None:
+        name = "runtime.md" if args.anomalib is None else f"runtime_vs_anomalib-{args.condition}.md"
+        args.out = REPO / "out" / "runtime_bench" / name
     return args
 
 
@@ -919,6 +928,7 @@ def main(argv: Sequence[str]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
+    print(f"report written to {args.out}")
 
 
 if __name__ == "__main__":

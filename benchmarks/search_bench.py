@@ -1,6 +1,6 @@
 """Benchmark: hnswlib vs exact float32 BLAS nearest-neighbour search, and the re-ranked exact image score.
 
-    python benchmarks/search_bench.py                      # full run, writes benchmarks/results/search.md
+    python benchmarks/search_bench.py                      # full run, writes out/search_bench/search.md
     python benchmarks/search_bench.py --quick --out /tmp/search.md
 
 Queries are one 224x224 image at stride 8 (28 x 28 = 784 patches). Features are real when the MVTec AD bottle
@@ -304,7 +304,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="16k bank only, fewer settings")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "search.md")
+    # A generated report, under git-ignored out/: benchmarks/results/search.md holds several sessions' sections,
+    # edited by hand from such reports, and no run should overwrite it unless --out names it.
+    parser.add_argument("--out", type=Path, default=REPO / "out" / "search_bench" / "search.md")
     parser.add_argument("--synthetic", action="store_true", help="random data even when bottle is present")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
