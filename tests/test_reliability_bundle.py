@@ -110,6 +110,12 @@ def _set(path: str, value: Any) -> Callable[[Dict[str, Any], Path], None]:
     (_set("input.resize", "256"), "input.resize"),
     (_set("format_version", True), "format_version"),
     (_set("training_images.file", "../outside/t.json"), "not a plain file name"),
+    (_set("method.params.first_pass", {"kind": "faiss"}), "method.params.first_pass must be"),
+    (_set("method.params.first_pass", []), "method.params.first_pass must be"),
+    (_set("method.params.first_pass", {"kind": "kmeans_cells", "cells": 0}), "first_pass.cells must be"),
+    (_set("method.params.first_pass", {"kind": "kmeans_cells", "cells": 10 ** 9}), "first_pass.cells must be"),
+    (_set("method.params.first_pass", {"kind": "kmeans_cells", "cells": True}), "first_pass.cells must be"),
+    (_set("method.params.first_pass", {"kind": "kmeans_cells", "cells": 2.5}), "first_pass.cells must be"),
 ])
 def test_inconsistent_rehashed_bundles_are_refused_at_load(tiny_bundle: Path, tmp_path: Path,
                                                           edit: Callable[[Dict[str, Any], Path], None],
@@ -122,6 +128,19 @@ def test_inconsistent_rehashed_bundles_are_refused_at_load(tiny_bundle: Path, tm
     assert words in str(caught.value), str(caught.value)
     result = CliRunner().invoke(main, ["run", str(folder), _image(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.output and words in result.output
+
+
+def test_the_recorded_first_pass_cells_are_the_ones_used(tiny_bundle: Path, tmp_path: Path) -> None:
+    folder, manifest = _copy(tiny_bundle, tmp_path)
+    recorded = manifest["method"]["params"]["first_pass"]
+    with _load(tiny_bundle) as detector:
+        # More than 2 cells by default, so that the check below can tell whether the recorded number is used.
+        assert 2 < detector.scorer.search.index.cells <= recorded["cells"]
+    manifest["method"]["params"]["first_pass"] = {"kind": "kmeans_cells", "cells": 2}
+    _rehash(folder, manifest)
+    with _load(folder) as detector:
+        assert detector.scorer.search.index.cells <= 2
+        assert detector.predict(_image(tmp_path)).score >= 0.0
 
 
 @pytest.mark.parametrize("raw, words", [

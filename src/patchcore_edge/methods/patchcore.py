@@ -18,8 +18,8 @@ import numpy as np
 
 from ..bundle import BundleError
 from ..scoring import PatchScores, image_scores
-from ..search import (PatchSearch, cell_index_resident_bytes, check_neighbours_sample, search_bank_bytes,
-                      validate_neighbours)
+from ..search import (PatchSearch, cell_index_resident_bytes, check_neighbours_sample, default_cells,
+                      search_bank_bytes, validate_neighbours)
 from .base import MethodScore, Scorer, ScorerOptions
 
 if TYPE_CHECKING:
@@ -34,6 +34,22 @@ def _positive_int(params: Mapping[str, Any], key: str, where: str) -> int:
         raise BundleError(f"{where}: method.params.{key} must be a positive integer, got {value!r}; re-export "
                           "the bundle")
     return int(value)
+
+
+def _first_pass_cells(params: Mapping[str, Any], count: int, where: str) -> int:
+    """The k-means cells the bundle's `first_pass` records (format 3), checked against the bank; bundles from
+    before format 3 record none and get the default for their bank size."""
+    if "first_pass" not in params:
+        return default_cells(count)
+    first_pass = params["first_pass"]
+    if not isinstance(first_pass, dict) or first_pass.get("kind") != "kmeans_cells":
+        raise BundleError(f"{where}: method.params.first_pass must be {{\"kind\": \"kmeans_cells\", \"cells\": N}}, "
+                          f"got {first_pass!r}; re-export the bundle")
+    cells = first_pass.get("cells")
+    if not isinstance(cells, int) or isinstance(cells, bool) or not 1 <= cells <= count:
+        raise BundleError(f"{where}: method.params.first_pass.cells must be an integer in 1..{count} (the memory "
+                          f"bank's rows), got {cells!r}; re-export the bundle")
+    return int(cells)
 
 
 class PatchCoreScorer(Scorer):
@@ -66,8 +82,9 @@ class PatchCoreScorer(Scorer):
         try:
             neighbours = validate_neighbours(neighbours, bank.shape[0])
             check_neighbours_sample(bank, neighbours)
+            cells = _first_pass_cells(params, int(bank.shape[0]), where)
             search = (PatchSearch(bank, None, threads=options.threads) if options.exact_search
-                      else PatchSearch.with_cells(bank, probes=options.ef, threads=options.threads))
+                      else PatchSearch.with_cells(bank, probes=options.ef, cells=cells, threads=options.threads))
         except ValueError as error:
             raise BundleError(f"{bundle.path}: {error}; re-export the bundle") from None
         return cls(search, neighbours, rerank, bundle.features.grid, bundle.features.output_name,
