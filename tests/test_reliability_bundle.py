@@ -280,6 +280,25 @@ def test_export_options_are_checked_before_work(tmp_path: Path, option: list, wo
     assert "features" not in result.output  # refused before the features stage ran
 
 
+@pytest.mark.parametrize("content, words", [
+    ('{"polygon": [[0, 0], [1, 0]]}', "roi needs at least 3"),
+    ('{"polygon": [[0, 0], [1, 0], [1, 2]]}', "roi needs at least 3"),
+    ('{"polygon": [[0, 0], [1, 0], [1, NaN]]}', "roi needs at least 3"),
+    ("not json", 'expected JSON {"polygon"'),
+    ('{"points": []}', 'expected JSON {"polygon"'),
+])
+def test_a_bad_region_of_interest_file_is_named_before_work(tmp_path: Path, content: str, words: str) -> None:
+    from tests.conftest import make_nominal_folder
+
+    good = make_nominal_folder(tmp_path / "good", count=3, size=64)
+    roi = tmp_path / "roi.json"
+    roi.write_text(content)
+    result = CliRunner().invoke(main, ["export", str(good), "-o", str(tmp_path / "b"), "-q", "--roi", str(roi)])
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert f"{roi}: " in result.output and words in result.output, result.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_to_a_file_with_force_is_refused_before_work(tmp_path: Path) -> None:
     from tests.conftest import make_nominal_folder
 

@@ -38,6 +38,15 @@ FIT_HELP = {"crop": "shorter side to --resize, centre window kept (MVTec protoco
             "letterbox": "the whole image, aspect kept, padded; the padding never scores"}
 
 
+def checked_roi(points: Sequence[Sequence[float]]) -> Tuple[Tuple[float, float], ...]:
+    """A region-of-interest polygon as (x, y) fractions of the image size; ValueError unless it has at least 3
+    points, each inside [0, 1]."""
+    polygon = tuple((float(x), float(y)) for x, y in points)
+    if len(polygon) < 3 or not all(0.0 <= v <= 1.0 and math.isfinite(v) for p in polygon for v in p):
+        raise ValueError("roi needs at least 3 (x, y) points inside [0, 1]")
+    return polygon
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How an RGB image becomes the network input: fit mode, input size, normalisation.
@@ -79,10 +88,7 @@ class InputSpec:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std positive")
         if self.roi is not None:
-            points = tuple((float(x), float(y)) for x, y in self.roi)
-            if len(points) < 3 or not all(0.0 <= v <= 1.0 and math.isfinite(v) for p in points for v in p):
-                raise ValueError("roi needs at least 3 (x, y) points inside [0, 1]")
-            object.__setattr__(self, "roi", points)
+            object.__setattr__(self, "roi", checked_roi(self.roi))
         if self.tile is not None:
             tile_boxes(self.tile, self.tile, self.tile, self.tile_overlap)  # validates tile and overlap
         elif self.tile_overlap:

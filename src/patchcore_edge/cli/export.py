@@ -10,7 +10,7 @@ import click
 
 from ..bundle import BundleError
 from ..methods import method_names
-from ..preprocess import FITS
+from ..preprocess import FITS, checked_roi
 from ..progress import StageBars
 
 BACKBONE_CHOICES = ("mobilenet_v2", "resnet18", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1",
@@ -26,7 +26,10 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
         raise click.ClickException(f"{path}: cannot read the region of interest ({error.strerror or error})")
     except (ValueError, KeyError, TypeError):
         raise click.ClickException(f'{path}: expected JSON {{"polygon": [[x, y], ...]}} with x, y in [0, 1]') from None
-    return polygon
+    try:
+        return checked_roi(polygon)
+    except ValueError as error:
+        raise click.ClickException(f"{path}: {error}") from None
 
 
 @click.command("export")
