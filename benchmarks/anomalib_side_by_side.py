@@ -63,7 +63,7 @@ class AnomalibResult:
 class AnomalibDetector:
     """anomalib's PatchCore behind the `predict(image_rgb)` interface `evaluate` needs."""
 
-    def __init__(self, weights: Path, layers: tuple, ratio: float) -> None:
+    def __init__(self, weights: Path, layers: tuple, ratio: float, check_picks: int = 0) -> None:
         from anomalib.models import Patchcore
 
         backbone = torchvision.models.mobilenet_v2(weights=None)
@@ -71,6 +71,7 @@ class AnomalibDetector:
         self.model = Patchcore(backbone=backbone, layers=list(layers), coreset_sampling_ratio=ratio)
         self.transform = Patchcore.configure_pre_processor().transform
         self.ratio = ratio
+        self.check_picks = check_picks  # --check-kcenter: picks compared between the two loops before fitting
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
@@ -82,9 +83,8 @@ class AnomalibDetector:
         inner.train()
         for start in range(0, len(paths), batch):
             inner(torch.cat([self._tensor(read_rgb(p)) for p in paths[start:start + batch]]))
-        if getattr(self, "check_picks", 0):
-            bank = torch.vstack(inner.embedding_store) if getattr(inner, "embedding_store", None) else inner.memory_bank
-            check_kcenter(bank, self.ratio, self.check_picks)
+        if self.check_picks:
+            check_kcenter(torch.vstack(inner.embedding_store), self.ratio, self.check_picks)
         inner.subsample_embedding(self.ratio)
         inner.eval()
 
@@ -155,8 +155,7 @@ def check_kcenter(embedding: torch.Tensor, ratio: float, picks: int) -> None:
 def run(data: Path, ratio: float, pixel_size: Optional[int], check_picks: int = 0) -> Dict[str, Optional[float]]:
     torch.manual_seed(0)
     np.random.seed(0)
-    detector = AnomalibDetector(WEIGHTS, LAYERS, ratio)
-    detector.check_picks = check_picks
+    detector = AnomalibDetector(WEIGHTS, LAYERS, ratio, check_picks)
     train, _ = list_images(data / "train" / "good")
     start = time.perf_counter()
     detector.fit(list(train))

@@ -28,10 +28,13 @@ if TYPE_CHECKING:
 NAME = "patchcore"
 
 
-def _positive_int(params: Mapping[str, Any], key: str, where: str) -> int:
+def _positive_int(params: Mapping[str, Any], key: str, where: str, name: str = "",
+                  most: Optional[int] = None) -> int:
+    """params[key] as an int in 1..most (no bound for None); `name` is its path in method.params (default key)."""
     value = params.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise BundleError(f"{where}: method.params.{key} must be a positive integer, got {value!r}; re-export "
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (most is not None and value > most):
+        wanted = "a positive integer" if most is None else f"an integer in 1..{most}"
+        raise BundleError(f"{where}: method.params.{name or key} must be {wanted}, got {value!r}; re-export "
                           "the bundle")
     return int(value)
 
@@ -45,11 +48,7 @@ def _first_pass_cells(params: Mapping[str, Any], count: int, where: str) -> int:
     if not isinstance(first_pass, dict) or first_pass.get("kind") != "kmeans_cells":
         raise BundleError(f"{where}: method.params.first_pass must be {{\"kind\": \"kmeans_cells\", \"cells\": N}}, "
                           f"got {first_pass!r}; re-export the bundle")
-    cells = first_pass.get("cells")
-    if not isinstance(cells, int) or isinstance(cells, bool) or not 1 <= cells <= count:
-        raise BundleError(f"{where}: method.params.first_pass.cells must be an integer in 1..{count} (the memory "
-                          f"bank's rows), got {cells!r}; re-export the bundle")
-    return int(cells)
+    return _positive_int(first_pass, "cells", where, name="first_pass.cells", most=count)  # at most a cell per row
 
 
 class PatchCoreScorer(Scorer):
