@@ -85,9 +85,9 @@ def test_two_bundles_one_table_and_every_row_in_the_report(setup: Dict[str, Path
     table = _table(result.stdout)
     assert table[0].startswith("| bundle | method | backbone | fit | image AUROC | pixel AUROC | AUPRO@0.3 |")
     assert len(table) == 3  # the header and a row per bundle
-    assert "| patchcore | mobilenet_v2 | squash |" in table[1] and "| 1.000 |" in table[1]
+    assert "| patchcore | efficientnet_lite1 | squash |" in table[1] and "| 1.000 |" in table[1]
     # 96 px images resized to 72, a 64 px centre crop: (64 / 72)^2 of each image is seen.
-    assert "| patchcore | mobilenet_v2 | crop |" in table[2] and f"| {(64 / 72) ** 2:.3f} |" in table[2]
+    assert "| patchcore | efficientnet_lite1 | crop |" in table[2] and f"| {(64 / 72) ** 2:.3f} |" in table[2]
 
     rows = _rows(report)
     assert [r["bundle"] for r in rows] == [str(setup["dense"]), str(setup["sparse"])]
@@ -127,7 +127,7 @@ def test_a_broken_bundle_gets_a_row_saying_why(setup: Dict[str, Path], tmp_path:
     table = _table(result.stdout)
     assert len(table) == 4
     assert "memory_bank.npy" in table[1] and "not evaluated:" in table[1]
-    assert "| patchcore | mobilenet_v2 | squash | n/a | n/a | n/a |" in table[1]  # its manifest still reads
+    assert "| patchcore | efficientnet_lite1 | squash | n/a | n/a | n/a |" in table[1]  # its manifest still reads
     assert "not evaluated:" not in table[2] and "| crop |" in table[2]
     assert "manifest.json" in table[3] and "| ? | ? | ? |" in table[3]
     rows = _rows(report)

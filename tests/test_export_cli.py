@@ -59,7 +59,8 @@ def test_bad_files_are_skipped_and_named_and_the_manifest_tells_the_truth(messy_
     assert manifest["training_images"]["count"] == 6
     hashes = json.loads((out / manifest["training_images"]["file"]).read_text())["sha256"]
     assert len(hashes) == 6 and len(set(hashes)) == 6
-    assert manifest["backbone"]["name"] == "mobilenet_v2"
+    assert manifest["backbone"]["name"] == "efficientnet_lite1"  # PatchCore's default (geometry.md, session 6)
+    assert manifest["features"]["reduction_order"] == "concat" and manifest["features"]["dim"] == 120
     assert len(manifest["backbone"]["weights"]["sha256"]) == 64
     assert manifest["input"]["crop"] == 64 and manifest["input"]["resize"] == 72
     grid = manifest["features"]["grid"]

@@ -40,9 +40,15 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
 @click.option("--method-param", "method_params", multiple=True, metavar="NAME=VALUE",
               help="One of the method's own parameters (repeatable); a wrong name is refused with the list of "
                    "those the method takes.")
-@click.option("--backbone", type=click.Choice(BACKBONE_CHOICES), default="mobilenet_v2", show_default=True)
+@click.option("--backbone", type=click.Choice(BACKBONE_CHOICES), default=None,
+              help="ImageNet backbone. Default: the method's measured one (PatchCore: efficientnet_lite1, from the "
+                   "[export] extra; the others: mobilenet_v2).")
+@click.option("--reduction", type=click.Choice(("per-stage", "concat")), default=None,
+              help="How the two stages' channels become the patch feature (PatchCore). Default: the backbone's "
+                   "measured order (efficientnet_lite1: concat; mobilenet_v2: per-stage).")
 @click.option("--weights", default=None, metavar="FILE|random",
-              help="ImageNet weights (torchvision state_dict .pth). Default: the offline package for mobilenet_v2, "
+              help="ImageNet weights (torchvision state_dict .pth). Default: the backbone's offline package (mobilenet_v2, "
+                   "efficientnet_lite0/1/2), "
                    "else torchvision's cache. 'random' asks for untrained weights (for tests only).")
 @click.option("--fit", type=click.Choice(FITS), default="squash", show_default=True,
               help="How the image fills the network input: squash (whole image, aspect ignored), letterbox "
@@ -79,7 +85,8 @@ def read_roi(path: Path) -> Tuple[Tuple[float, float], ...]:
               help="Build a TensorRT engine when TensorRT and a GPU are present.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle (only a bundle: any other folder is refused).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def export_command(nominal_dir: Path, output: Path, method: str, method_params: Tuple[str, ...], backbone: str, weights: Optional[str], fit: str,
+def export_command(nominal_dir: Path, output: Path, method: str, method_params: Tuple[str, ...], backbone: Optional[str],
+                   reduction: Optional[str], weights: Optional[str], fit: str,
                    input_size: Optional[Tuple[int, int]], resize: int, crop: int, tile: Optional[int],
                    tile_overlap: int, roi_file: Optional[Path],
                    feature_dim: Optional[int], coreset_ratio: float, coreset_size: Optional[int], projection_dim: int,
@@ -98,7 +105,7 @@ def export_command(nominal_dir: Path, output: Path, method: str, method_params: 
     from ..export.pipeline import ExportError, ExportOptions, export_bundle
 
     options = ExportOptions(nominal_dir=nominal_dir, output=output, method=method, method_params=method_params,
-                            backbone=backbone, weights=weights,
+                            backbone=backbone, reduction=reduction, weights=weights,
                             fit=fit, input_size=input_size, tile=tile, tile_overlap=tile_overlap,
                             roi=None if roi_file is None else read_roi(roi_file),
                             resize=resize, crop=crop, feature_dim=feature_dim, coreset_ratio=coreset_ratio,

@@ -73,13 +73,22 @@ def _quiet(stage: str, done: int, total: int) -> None:
     pass
 
 
-def _extract_run(extract: Callable[..., Extracted], network: Any, output_names: Sequence[str], paths: List[Any],
-                 spec: Any, batch_size: int) -> Extracted:
+class _Network:
+    """The network as the workers get it, pickled whole: Dask's own serializer for a torch module rebuilds its
+    attributes one by one and turns namedtuples into plain tuples (efficientnet-lite-pytorch's block arguments:
+    its blocks then fail in forward)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+
+def _extract_run(extract: Callable[..., Extracted], network: _Network, output_names: Sequence[str],
+                 paths: List[Any], spec: Any, batch_size: int) -> Extracted:
     import torch
 
     torch.set_num_threads(1)  # one thread per Dask worker thread
-    outputs, used, hashes, errors, samples, pieces = extract(network, output_names, paths, spec, batch_size, "cpu",
-                                                             _quiet)
+    outputs, used, hashes, errors, samples, pieces = extract(network.module, output_names, paths, spec, batch_size,
+                                                             "cpu", _quiet)
     # Read errors travel as (path, reason): the exception type does not survive pickling.
     return outputs, used, hashes, [(error.path, error.reason) for error in errors], samples, pieces
 
@@ -94,7 +103,7 @@ def extract_on_dask(client: Any, extract: Callable[..., Extracted], network: Any
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     images_per_task = batch_size * max(1, math.ceil(len(paths) / (4 * workers * batch_size)))
     runs = [paths[i:i + images_per_task] for i in range(0, len(paths), images_per_task)]
-    shared = client.scatter(network.cpu(), broadcast=True)  # the weights travel once per worker
+    shared = client.scatter(_Network(network.cpu()), broadcast=True)  # the weights travel once per worker
     futures = [client.submit(_extract_run, extract, shared, list(output_names), run, spec, batch_size,
                              pure=False) for run in runs]
     size = {future.key: len(run) for future, run in zip(futures, runs)}

@@ -36,8 +36,6 @@ from .backbones import BackboneError, WeightsInfo, check_layers, get_spec, load_
 
 
 REDUCTIONS = ("per-stage", "concat")
-# Set from the measurement in benchmarks/results/layer_choice.md (both orders, bottle and ELPV together).
-DEFAULT_REDUCTION = "per-stage"
 
 
 def adaptive_average_matrix(channels: int, dim: int, expand: bool = False) -> torch.Tensor:
@@ -221,7 +219,8 @@ def build_extractor(backbone: str, weights: Union[str, os.PathLike[str], None], 
     if not 1 <= dim <= sum(channels):
         raise BackboneError(f"feature dim must be between 1 and {sum(channels)} for {backbone} "
                             f"{finer}+{coarser} ({channels[0]}+{channels[1]} channels), got {dim}")
-    order = DEFAULT_REDUCTION if reduction is None else reduction
+    # The order measured for the backbone (BackboneSpec.default_reduction; layer_choice.md, geometry.md).
+    order = backbone_spec.default_reduction if reduction is None else reduction
     if order not in REDUCTIONS:
         raise BackboneError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {order!r}")
     aggregator = PatchAggregator(channels, dim, count_include_pad=count_include_pad, reduction=order)

@@ -112,7 +112,7 @@ def export_onnx(extractor: torch.nn.Module, path: Union[str, os.PathLike[str]], 
                 dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, **{n: {0: BATCH_AXIS} for n in names}},
                 opset_version=opset,
                 do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(partial))
+        model = fold_constant_nodes(onnx.load(str(partial)))
         for position, shape in enumerate(expected):
             pin_output_shape(model, shape, position)
         onnx.checker.check_model(model, full_check=True)
@@ -122,6 +122,49 @@ def export_onnx(extractor: torch.nn.Module, path: Union[str, os.PathLike[str]], 
         if partial.exists():
             partial.unlink()
     return target
+
+
+# Only shape arithmetic is folded: nodes whose inputs are all constant and whose outputs stay this small.
+_FOLD_MOST_VALUES = 4096
+
+
+def fold_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace nodes computed from constants alone by their values (initializers), where torch's folding stops.
+
+    torch exports EfficientNet-Lite's static "same" padding as a Pad whose pads come from a chain of Concat,
+    Reshape, Slice (step -1) and Transpose on constants, which its own folding skips (steps other than 1): ONNX
+    shape inference then cannot give the Pad's output a shape, and neither can it any tensor downstream, so the
+    activation-memory analysis (`devices fit`) and TensorRT see dynamic shapes where all are static. Evaluated
+    with ONNX's reference implementation, node by node in graph order.
+    """
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    known = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    kept, folded = [], []
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if node.op_type == "Constant" or (inputs and all(name in known for name in inputs)
+                                          and all(known[name].size <= _FOLD_MOST_VALUES for name in inputs)):
+            try:
+                values = ReferenceEvaluator(node).run(None, {name: known[name] for name in inputs})
+            except Exception:  # an op the reference cannot run: keep the node as it is
+                kept.append(node)
+                continue
+            if all(getattr(value, "size", _FOLD_MOST_VALUES + 1) <= _FOLD_MOST_VALUES for value in values):
+                for name, value in zip(node.output, values):
+                    known[name] = value
+                    folded.append(numpy_helper.from_array(value, name))
+                continue
+        kept.append(node)
+    if not folded:
+        return model
+    used = {name for node in kept for name in node.input} | {output.name for output in graph.output}
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(init for init in folded if init.name in used)
+    return model
 
 
 def pin_output_shape(model: onnx.ModelProto, grid_and_dim: Tuple[int, ...], position: int = 0) -> None:

@@ -41,7 +41,7 @@ class ExportOptions:
     output: Path
     method: str = "patchcore"
     method_params: Sequence[str] = ()  # NAME=VALUE texts of the method's own parameters (--method-param)
-    backbone: str = "mobilenet_v2"
+    backbone: Optional[str] = None  # None: the method's default (PatchCore: backbones.PATCHCORE_BACKBONE)
     weights: Optional[str] = None
     resize: int = 256
     crop: int = 224
@@ -235,7 +235,7 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
         method = get_exporter(options.method)
         params = method_params(method, options.method_params)
         # The normalisation is the one the backbone's weights were trained with (backbones.BackboneSpec).
-        normalisation = get_spec(options.backbone)
+        normalisation = get_spec(method.backbone(options.backbone))
         spec = InputSpec(resize=options.resize, crop=options.crop, fit=options.fit, size=options.input_size,
                          roi=options.roi, tile=options.tile, tile_overlap=options.tile_overlap,
                          mean=normalisation.mean, std=normalisation.std)
@@ -262,6 +262,10 @@ def export_bundle(options: ExportOptions, progress: Progress = _quiet_progress, 
     except MethodExportError as error:
         raise ExportError(str(error)) from None
     del training_images
+    reduction = info.extra.get("reduction_order")
+    log(f"network: {info.backbone.get('name')} {' + '.join(info.layers)}, {info.dim}-d patch features"
+        + (f", {reduction} channel reduction" if reduction else "")
+        + (" (as chosen)" if options.backbone else f" ({method.name}'s default; README: which backbone when)"))
     network = network.to(options.device).eval()
 
     start = time.perf_counter()

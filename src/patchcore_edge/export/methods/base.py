@@ -107,7 +107,7 @@ class MethodSettings:
     ExportOptions field of the same name, with the same default (tests/test_options.py).
     """
 
-    backbone: str = "mobilenet_v2"
+    backbone: Optional[str] = None  # None: the method's own default (MethodExporter.backbone)
     weights: Optional[str] = None
     feature_dim: Optional[int] = None
     coreset_ratio: float = 0.1
@@ -140,6 +140,12 @@ class MethodExporter(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str] = ""  # one line for `export --help`
     parameters: ClassVar[Tuple[MethodParameter, ...]] = ()
+    # The ImageNet backbone when --backbone is not given: the one the method's stages were measured on.
+    default_backbone: ClassVar[str] = "mobilenet_v2"
+
+    def backbone(self, chosen: Optional[str]) -> str:
+        """The backbone an export builds: the one chosen, else the method's default."""
+        return chosen or self.default_backbone
 
     @abc.abstractmethod
     def network(self, settings: MethodSettings, spec: InputSpec,

@@ -171,11 +171,12 @@ class PadimExporter(MethodExporter):
 
     def network(self, settings: MethodSettings, spec: InputSpec,
                 training_images: Sequence[np.ndarray]) -> Tuple[torch.nn.Module, NetworkInfo]:
-        if settings.backbone not in DEFAULT_LAYERS:
-            raise MethodExportError(f"PaDiM has no default stages and d for {settings.backbone}; choose one of "
+        backbone = self.backbone(settings.backbone)
+        if backbone not in DEFAULT_LAYERS:
+            raise MethodExportError(f"PaDiM has no default stages and d for {backbone}; choose one of "
                                     f"--backbone {', '.join(DEFAULT_LAYERS)}")
         try:
-            network, info = build_padim_network(settings.backbone, settings.weights, spec,
+            network, info = build_padim_network(backbone, settings.weights, spec,
                                                 d=settings.method_params.get("d"), seed=settings.seed,
                                                 layers=settings.layers)
         except (BackboneError, PadimFitError) as error:
@@ -184,7 +185,7 @@ class PadimExporter(MethodExporter):
         self._info = info
         return network, NetworkInfo(
             outputs=OUTPUTS, dim=int(info["dim"]), grid=(int(info["grid"][0]), int(info["grid"][1])),
-            stride=int(info["stride"]), backbone=backbone_manifest(settings.backbone, info["weights"]),
+            stride=int(info["stride"]), backbone=backbone_manifest(backbone, info["weights"]),
             layers=tuple(info["layers"]),
             extra={"local_neighbourhood": 1, "embedding_dim": int(info["embedding_dim"])})
 

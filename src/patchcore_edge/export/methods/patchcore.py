@@ -16,7 +16,7 @@ import torch
 
 from ... import search
 from ...preprocess import InputSpec
-from ..backbones import BackboneError
+from ..backbones import PATCHCORE_BACKBONE, BackboneError
 from ..coreset import CoresetInputError, coreset_size
 from .. import coreset_select
 from ..coreset_select import CoresetResult, capped_size, select_coreset
@@ -30,11 +30,12 @@ OUTPUT = "features"
 
 class PatchCoreExporter(MethodExporter):
     name = "patchcore"
+    default_backbone = PATCHCORE_BACKBONE
 
     def network(self, settings: MethodSettings, spec: InputSpec,
                 training_images: Sequence[np.ndarray]) -> Tuple[torch.nn.Module, NetworkInfo]:
         try:
-            extractor, info = build_extractor(settings.backbone, settings.weights, spec, settings.feature_dim,
+            extractor, info = build_extractor(self.backbone(settings.backbone), settings.weights, spec, settings.feature_dim,
                                               reduction=settings.reduction, layers=settings.layers)
         except BackboneError as error:
             raise MethodExportError(str(error)) from None

@@ -155,13 +155,14 @@ class SpadeExporter(MethodExporter):
 
     def network(self, settings: MethodSettings, spec: InputSpec,
                 training_images: Sequence[np.ndarray]) -> Tuple[torch.nn.Module, NetworkInfo]:
+        backbone = self.backbone(settings.backbone)
         try:
-            network, info = build_spade_network(settings.backbone, settings.weights, spec, settings.layers)
+            network, info = build_spade_network(backbone, settings.weights, spec, settings.layers)
         except BackboneError as error:
             raise MethodExportError(str(error)) from None
         return network, NetworkInfo(
             outputs=OUTPUTS, dim=int(info["dim"]), grid=(int(info["grid"][0]), int(info["grid"][1])),
-            stride=int(info["stride"]), backbone=backbone_manifest(settings.backbone, info["weights"]),
+            stride=int(info["stride"]), backbone=backbone_manifest(backbone, info["weights"]),
             layers=tuple(info["layers"]),
             # Pyramid features are not averaged over a neighbourhood (PatchCore's 3 x 3 is not applied).
             extra={"local_neighbourhood": 1, "global_layer": info["global_layer"],
