@@ -102,6 +102,8 @@ BACKBONE_CONFIGS = [
     Config("efficientnet_lite2 6+10 136 squash per-stage", backbone="efficientnet_lite2",
            layers=("blocks.6", "blocks.10"), dim=136, reduction="per-stage"),
     Config("efficientnet_lite2 6+14 168 squash per-stage", backbone="efficientnet_lite2", reduction="per-stage"),
+    # Session 6: PatchCore's default since (geometry.md); appended so that the numbers of the rows above stay.
+    Config("efficientnet_lite1 6+10 120 squash concat (default)", backbone="efficientnet_lite1", reduction="concat"),
 ]
 # Labels without "per-stage" use the concatenation order (the order before issue 11 item 5).
 STRIP_FITS = [Config("crop", fit="crop"), Config("squash 224", fit="squash"),
