@@ -241,9 +241,9 @@ def test_estimate_components_and_budget(tiny_bundle: Path) -> None:
     estimate = memory.estimate_memory(_tiny(tiny_bundle), get_profile("jetson-orin-nx"), variant="8GB", batch=2,
                                       backend="onnxruntime")
     parts = estimate["components"]
-    # The bank, its squared norms and its centred copy (kept for banks up to 64 MiB); the first pass's cells: the
-    # bank reordered with a norm row, the centres likewise, the row order.
-    assert parts["bank"] == size * dim * 4 + size * 4 + size * dim * 4
+    # The bank and its squared norms (the exact search reads the cells' centred rows: no centred copy); the first
+    # pass's cells: the bank reordered with a norm row, the centres likewise, the row order.
+    assert parts["bank"] == size * dim * 4 + size * 4
     cells = search.default_cells(size)
     assert parts["index"] == size * (dim + 1) * 4 + cells * (dim + 1) * 4 + size * 8
     assert parts["neighbours"] == size * manifest["method"]["params"]["reweight_neighbours"] * 4

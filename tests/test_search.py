@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -104,6 +105,30 @@ def test_exact_distance_free_of_cancellation(rng: np.random.Generator) -> None:
     np.testing.assert_allclose(dist, ref_dist, rtol=1e-5)
     uncentred = (bank * bank).sum(1)[None, :] - 2.0 * queries @ bank.T
     assert np.mean(uncentred.argmin(1) != ref_idx) > 0.2  # the case really is ill-conditioned
+
+
+@pytest.mark.parametrize("block_values", [None, 1])
+def test_exact_search_through_the_cells_rows_is_the_exact_only_search(rng: np.random.Generator,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      block_values: Optional[int]) -> None:
+    # With a CellIndex the exact search reads the cells' centred, reordered rows (one copy of the bank): the rows it
+    # returns are still the canonical ones (smallest direct distance, lowest row among ties), bit for bit those of
+    # the exact-only search, also where an uncentred expansion fails and with the bank cut into many blocks.
+    bank = (random_bank(rng, 600, 8) + 5000.0).astype(np.float32)
+    bank[17] = bank[400]  # a tie: the lower row must win
+    queries = np.concatenate([(bank[:60] + rng.normal(scale=0.5, size=(60, 8))), bank[400:401]]).astype(np.float32)
+    if block_values is not None:
+        monkeypatch.setattr(search_module, "_BLOCK_VALUES", block_values)
+    with_cells = PatchSearch.with_cells(bank, cells=7, threads=1)
+    assert with_cells._centred is None  # no second copy
+    exact_only = PatchSearch(bank, None, threads=1)
+    ref_dist, ref_idx = naive_nearest(queries, bank)
+    for part in (slice(None), slice(0, 1), slice(0, 5), slice(60, 61)):
+        dist, idx = with_cells.exact_nearest(queries[part])
+        alone_dist, alone_idx = exact_only.exact_nearest(queries[part])
+        assert np.array_equal(idx, alone_idx) and np.array_equal(dist, alone_dist)
+        assert np.array_equal(idx, ref_idx[part])
+    assert with_cells.exact_nearest(queries[60:61])[1][0] == 17
 
 
 def test_row_distances_independent_of_batch_layout(rng: np.random.Generator) -> None:

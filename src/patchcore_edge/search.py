@@ -420,11 +420,11 @@ def cell_index_resident_bytes(count: int, dim: int) -> int:
     return count * (dim + 1) * 4 + default_cells(count) * (dim + 1) * 4 + count * 8
 
 
-def search_bank_bytes(count: int, dim: int) -> int:
-    """Memory `PatchSearch` keeps beside any index: the bank, its squared norms and (banks up to 64 MiB) its
-    centred copy."""
+def search_bank_bytes(count: int, dim: int, cells: bool = False) -> int:
+    """Memory `PatchSearch` keeps beside its index: the bank, its squared norms and, without a `CellIndex`
+    (whose centred rows the exact search reads), a centred copy for banks up to 64 MiB."""
     bank = count * dim * 4
-    return bank + count * 4 + (bank if bank <= _CENTRED_COPY_BYTES else 0)
+    return bank + count * 4 + (bank if bank <= _CENTRED_COPY_BYTES and not cells else 0)
 
 
 def _first_per_group(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -448,7 +448,9 @@ class CellIndex:
     `probes` cells with the nearest centres (an upper bound of the nearest distance once `row_distances` measures it).
 
     Built from the bank alone (seeded k-means, one BLAS thread), so a bundle needs no file for it and the same bank
-    gives the same cells on a machine. Memory: one reordered copy of the bank (plus a row of norms).
+    gives the same cells on a machine. Memory: one reordered copy of the bank (plus a row of norms), centred on the
+    bank mean `centre`: `PatchSearch`'s exact search reads the same copy (one pass over memory the first pass has
+    just warmed, instead of a second copy; issue 13).
     """
 
     def __init__(self, bank: np.ndarray, cells: Optional[int] = None, seed: int = 0) -> None:
@@ -479,8 +481,20 @@ class CellIndex:
         self.cells = k
         self.rows = order.astype(np.int64)  # position in the cell order -> bank row
         self.bounds = np.searchsorted(assign[order], np.arange(k + 1)).astype(np.int64)
-        self.centres = _augmented(centres)
-        self.members = _augmented(data[order])
+        # Centred as PatchSearch's exact search wants its rows (smaller norms, smaller cancellation error); the
+        # order of distances to a query, and so the rows found, are those of the raw rows.
+        self.centre = data.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self.centres = _augmented(centres - self.centre)
+        self.members = _augmented(data[order] - self.centre)
+
+    def lift(self, queries: np.ndarray) -> np.ndarray:
+        """[q - centre, 1] per query (float32 [n, D + 1]): its product with `members` (or `centres`) gives
+        ||x - c||^2 - 2 (q - c).(x - c) per row, which orders the rows as their distances to q do."""
+        n, dim = queries.shape
+        lifted = np.empty((n, dim + 1), dtype=np.float32)
+        np.subtract(queries, self.centre, out=lifted[:, :dim])
+        lifted[:, dim] = 1.0
+        return lifted
 
     def default_probes(self) -> int:
         """DEFAULT_PROBES cells, more when that scans fewer than _MIN_SCANNED_ROWS rows (all cells of a small bank)."""
@@ -497,11 +511,9 @@ class CellIndex:
 
         `threads` 2 or more splits the probed cells between the calling thread and one worker when the batch has
         enough work to pay for the hand-over (numpy's products and reductions release the GIL)."""
-        n, dim = queries.shape
+        n = queries.shape[0]
         probes = int(max(1, min(probes, self.cells)))
-        lifted = np.empty((n, dim + 1), dtype=np.float32)
-        lifted[:, :dim] = queries
-        lifted[:, dim] = 1.0
+        lifted = self.lift(queries)
         with blas_threads(1):
             to_centres = lifted @ self.centres
             # Each query's probes in ascending cell order: column order is then the tie rule below.
@@ -574,8 +586,13 @@ class PatchSearch:
         # norms shrink, and with them the cancellation error of ||b||^2 - 2 q.b (ReLU features share a
         # large positive mean).
         self.centre = self.bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+        # A CellIndex already holds the centred rows (in its cell order, augmented with their norms): the exact
+        # search reads them there. Otherwise banks up to 64 MiB keep a centred copy.
+        self._cells = index if isinstance(index, CellIndex) else None
+        if self._cells is not None and not np.array_equal(self._cells.centre, self.centre):
+            raise ValueError("cell index is centred on another mean than the bank's (index of another bank?)")
         self._centred: Optional[np.ndarray] = None
-        if self.bank.nbytes <= _CENTRED_COPY_BYTES:
+        if self._cells is None and self.bank.nbytes <= _CENTRED_COPY_BYTES:
             self._centred = self.bank - self.centre
         self.norms = np.concatenate([squared_norms(self.bank[start:start + 65536] - self.centre)
                                      for start in range(0, count, 65536)])
@@ -683,34 +700,43 @@ class PatchSearch:
         smallest = np.full(n, np.inf, dtype=np.float64)
         kept_query, kept_row, kept_value = [], [], []
         rows = min(_block_rows(n, self.count), self.count)
-        # A few queries (re-rank rounds) run faster as bank @ q.T: the product is then bound by one pass over
-        # the bank instead of OpenBLAS packing it (measured 1.2-1.7x for 8 queries).
-        tall = n <= _FEW_QUERIES
         buffer = np.empty((n, rows), dtype=np.float32)
-        # ... but numpy's reductions along the rows of that [rows, n] product are strided and slow (0.5 ms for n = 2
-        # on the bottle bank); it is copied to query-major first (0.02-0.2 ms), so one layout serves what follows.
-        tall_buffer = np.empty((rows, n), dtype=np.float32) if tall else None
-        centred_rows = np.empty((rows, self.dim), dtype=np.float32) if self._centred is None else None
+        if self._cells is not None:
+            # The cells' centred rows with their norms, [D + 1, M] in cell order: one product gives the expansion
+            # (the scaling by -2 is exact and the norm enters as one more term of the sum, so the rounding stays
+            # within the bound above). Positions are mapped back to bank rows before the tie rule.
+            lifted = self._cells.lift(q)
+        # A few queries (re-rank rounds) run faster as bank @ q.T: the product is then bound by one pass over
+        # the bank instead of OpenBLAS packing it (measured 1.2-1.7x for 8 queries); numpy's reductions along the
+        # rows of that [rows, n] product are strided and slow (0.5 ms for n = 2 on the bottle bank), so it is
+        # copied to query-major first (0.02-0.2 ms) and one layout serves what follows.
+        tall_buffer = (np.empty((rows, n), dtype=np.float32) if self._cells is None and n <= _FEW_QUERIES
+                       else None)
+        centred_rows = (np.empty((rows, self.dim), dtype=np.float32)
+                        if self._cells is None and self._centred is None else None)
         # Re-rank-sized calls use one BLAS thread whatever `threads` says: a second one gains little on so few
         # queries, and OpenBLAS workers busy-wait after the call, taking a core from the stages that follow
         # (2 cores, batch 1: 19 -> 13 ms per image end to end; benchmarks/results/runtime.md).
         with blas_threads(1 if n <= _ONE_THREAD_QUERIES else self.threads):
             for start in range(0, self.count, rows):
                 stop = min(self.count, start + rows)
-                if centred_rows is None:
-                    assert self._centred is not None
-                    centred = self._centred[start:stop]
-                else:
-                    centred = np.subtract(self.bank[start:stop], self.centre, out=centred_rows[:stop - start])
                 block = buffer[:, :stop - start]
-                if tall_buffer is not None:
-                    product = tall_buffer[:stop - start]
-                    np.matmul(centred, centred_q.T, out=product)
-                    np.copyto(block, product.T)
+                if self._cells is not None:
+                    np.matmul(lifted, self._cells.members[:, start:stop], out=block)
                 else:
-                    np.matmul(centred_q, centred.T, out=block)
-                block *= -2.0
-                block += self.norms[None, start:stop]
+                    if centred_rows is None:
+                        assert self._centred is not None
+                        centred = self._centred[start:stop]
+                    else:
+                        centred = np.subtract(self.bank[start:stop], self.centre, out=centred_rows[:stop - start])
+                    if tall_buffer is not None:
+                        product = tall_buffer[:stop - start]
+                        np.matmul(centred, centred_q.T, out=product)
+                        np.copyto(block, product.T)
+                    else:
+                        np.matmul(centred_q, centred.T, out=block)
+                    block *= -2.0
+                    block += self.norms[None, start:stop]
                 low = block.min(axis=1).astype(np.float64)
                 query, row = np.nonzero(block <= _float32_up(low + margins)[:, None])
                 kept_value.append(block[query, row])
@@ -720,6 +746,8 @@ class PatchSearch:
         query, row, value = np.concatenate(kept_query), np.concatenate(kept_row), np.concatenate(kept_value)
         near = value <= _float32_up(smallest + margins)[query]
         query, row = query[near], row[near].astype(np.int64)
+        if self._cells is not None:
+            row = self._cells.rows[row]
         distances = row_distances(q[query], self.bank[row])
         # Per query: the smallest direct distance, then the lowest row (lexsort: the last key is the primary one).
         order = np.lexsort((row, distances, query))

@@ -93,7 +93,7 @@ class PatchCoreScorer(Scorer):
     def resident_bytes(cls, bundle: "Bundle", search_threads: int = 1) -> Dict[str, int]:
         count, dim = bundle.method.arrays["memory_bank"].shape
         b = bundle.method.arrays["bank_neighbours"].shape[1]
-        return {"bank": search_bank_bytes(count, dim), "index": cell_index_resident_bytes(count, dim),
+        return {"bank": search_bank_bytes(count, dim, cells=True), "index": cell_index_resident_bytes(count, dim),
                 "neighbours": count * b * 4}
 
     def patch_scores(self, grid: np.ndarray, valid: Optional[np.ndarray] = None) -> List[PatchScores]:
