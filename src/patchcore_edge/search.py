@@ -15,7 +15,7 @@ import os
 import struct
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Optional, Tuple, Union
 
 import hnswlib  # type: ignore[import-untyped]
 import numpy as np
@@ -96,6 +96,12 @@ def row_distances(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
     squared: np.ndarray = np.einsum("ij,ij->i", diff, diff, dtype=np.float32, optimize=False)
     distances: np.ndarray = np.sqrt(squared)
     return distances
+
+
+def bank_centre(bank: np.ndarray) -> np.ndarray:
+    """The bank mean (accumulated in float64, stored float32) that the BLAS expansions centre on."""
+    centre: np.ndarray = bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return centre
 
 
 def squared_norms(bank: np.ndarray) -> np.ndarray:
@@ -288,7 +294,7 @@ def bank_neighbours(bank: np.ndarray, b: int, threads: Optional[int] = None) -> 
     if not 1 <= b <= count:
         raise ValueError(f"need 1 <= b <= number of bank vectors ({count}), got b={b}")
     # Centred on the mean for a smaller cancellation error in the expansion (see PatchSearch).
-    centred = data - data.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centred = data - bank_centre(data)
     norms = squared_norms(centred)
     result = np.empty((count, b), dtype=np.int32)
     rows_per_block = int(max(1, min(count, _BLOCK_VALUES // count)))
@@ -434,6 +440,14 @@ def _first_per_group(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
     return first
 
 
+def _lifted(centred: np.ndarray) -> np.ndarray:
+    """[x, 1] per row (float32 [n, D + 1]), the query side of `_augmented`."""
+    out = np.empty((centred.shape[0], centred.shape[1] + 1), dtype=np.float32)
+    out[:, :-1] = centred
+    out[:, -1] = 1.0
+    return out
+
+
 def _augmented(rows: np.ndarray) -> np.ndarray:
     """[-2 x, ||x||^2] per row, transposed (float32 [D + 1, n]): one product with [q, 1] gives ||x||^2 - 2 q.x,
     which orders the rows by distance to q (||q||^2 is the same for every row)."""
@@ -483,18 +497,14 @@ class CellIndex:
         self.bounds = np.searchsorted(assign[order], np.arange(k + 1)).astype(np.int64)
         # Centred as PatchSearch's exact search wants its rows (smaller norms, smaller cancellation error); the
         # order of distances to a query, and so the rows found, are those of the raw rows.
-        self.centre = data.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self.centre = bank_centre(data)
         self.centres = _augmented(centres - self.centre)
         self.members = _augmented(data[order] - self.centre)
 
     def lift(self, queries: np.ndarray) -> np.ndarray:
         """[q - centre, 1] per query (float32 [n, D + 1]): its product with `members` (or `centres`) gives
         ||x - c||^2 - 2 (q - c).(x - c) per row, which orders the rows as their distances to q do."""
-        n, dim = queries.shape
-        lifted = np.empty((n, dim + 1), dtype=np.float32)
-        np.subtract(queries, self.centre, out=lifted[:, :dim])
-        lifted[:, dim] = 1.0
-        return lifted
+        return _lifted(queries - self.centre)
 
     def default_probes(self) -> int:
         """DEFAULT_PROBES cells, more when that scans fewer than _MIN_SCANNED_ROWS rows (all cells of a small bank)."""
@@ -585,7 +595,7 @@ class PatchSearch:
         # The BLAS expansion runs on vectors centred on the bank mean: distances do not change, but the
         # norms shrink, and with them the cancellation error of ||b||^2 - 2 q.b (ReLU features share a
         # large positive mean).
-        self.centre = self.bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+        self.centre = bank_centre(self.bank)
         # A CellIndex already holds the centred rows (in its cell order, augmented with their norms): the exact
         # search reads them there. Otherwise banks up to 64 MiB keep a centred copy.
         self._cells = index if isinstance(index, CellIndex) else None
@@ -701,19 +711,8 @@ class PatchSearch:
         kept_query, kept_row, kept_value = [], [], []
         rows = min(_block_rows(n, self.count), self.count)
         buffer = np.empty((n, rows), dtype=np.float32)
-        if self._cells is not None:
-            # The cells' centred rows with their norms, [D + 1, M] in cell order: one product gives the expansion
-            # (the scaling by -2 is exact and the norm enters as one more term of the sum, so the rounding stays
-            # within the bound above). Positions are mapped back to bank rows before the tie rule.
-            lifted = self._cells.lift(q)
-        # A few queries (re-rank rounds) run faster as bank @ q.T: the product is then bound by one pass over
-        # the bank instead of OpenBLAS packing it (measured 1.2-1.7x for 8 queries); numpy's reductions along the
-        # rows of that [rows, n] product are strided and slow (0.5 ms for n = 2 on the bottle bank), so it is
-        # copied to query-major first (0.02-0.2 ms) and one layout serves what follows.
-        tall_buffer = (np.empty((rows, n), dtype=np.float32) if self._cells is None and n <= _FEW_QUERIES
-                       else None)
-        centred_rows = (np.empty((rows, self.dim), dtype=np.float32)
-                        if self._cells is None and self._centred is None else None)
+        fill = (self._expansion_from_cells(centred_q) if self._cells is not None
+                else self._expansion_from_rows(centred_q, rows))
         # Re-rank-sized calls use one BLAS thread whatever `threads` says: a second one gains little on so few
         # queries, and OpenBLAS workers busy-wait after the call, taking a core from the stages that follow
         # (2 cores, batch 1: 19 -> 13 ms per image end to end; benchmarks/results/runtime.md).
@@ -721,22 +720,7 @@ class PatchSearch:
             for start in range(0, self.count, rows):
                 stop = min(self.count, start + rows)
                 block = buffer[:, :stop - start]
-                if self._cells is not None:
-                    np.matmul(lifted, self._cells.members[:, start:stop], out=block)
-                else:
-                    if centred_rows is None:
-                        assert self._centred is not None
-                        centred = self._centred[start:stop]
-                    else:
-                        centred = np.subtract(self.bank[start:stop], self.centre, out=centred_rows[:stop - start])
-                    if tall_buffer is not None:
-                        product = tall_buffer[:stop - start]
-                        np.matmul(centred, centred_q.T, out=product)
-                        np.copyto(block, product.T)
-                    else:
-                        np.matmul(centred_q, centred.T, out=block)
-                    block *= -2.0
-                    block += self.norms[None, start:stop]
+                fill(start, stop, block)
                 low = block.min(axis=1).astype(np.float64)
                 query, row = np.nonzero(block <= _float32_up(low + margins)[:, None])
                 kept_value.append(block[query, row])
@@ -746,7 +730,7 @@ class PatchSearch:
         query, row, value = np.concatenate(kept_query), np.concatenate(kept_row), np.concatenate(kept_value)
         near = value <= _float32_up(smallest + margins)[query]
         query, row = query[near], row[near].astype(np.int64)
-        if self._cells is not None:
+        if self._cells is not None:  # positions in the cell order -> bank rows, before the tie rule
             row = self._cells.rows[row]
         distances = row_distances(q[query], self.bank[row])
         # Per query: the smallest direct distance, then the lowest row (lexsort: the last key is the primary one).
@@ -755,6 +739,43 @@ class PatchSearch:
         best = np.empty(n, dtype=np.int64)
         best[query[order][first]] = row[order][first]
         return best
+
+
+    def _expansion_from_cells(self, centred_q: np.ndarray) -> Callable[[int, int, np.ndarray], None]:
+        """Writes ||x - c||^2 - 2 (q - c).(x - c) for the positions start..stop of the cells' centred rows with their
+        norms ([D + 1, M], cell order) into block [n, stop - start]: one product (the scaling by -2 is exact and the
+        norm enters as one more term of the sum, so the rounding stays within the bound above)."""
+        assert self._cells is not None
+        members, lifted = self._cells.members, _lifted(centred_q)
+
+        def fill(start: int, stop: int, block: np.ndarray) -> None:
+            np.matmul(lifted, members[:, start:stop], out=block)
+        return fill
+
+    def _expansion_from_rows(self, centred_q: np.ndarray, rows: int) -> Callable[[int, int, np.ndarray], None]:
+        """The same expansion from the bank rows start..stop: the centred copy, else rows centred block by block."""
+        n = centred_q.shape[0]
+        # A few queries (re-rank rounds) run faster as bank @ q.T: the product is then bound by one pass over the
+        # bank instead of OpenBLAS packing it (measured 1.2-1.7x for 8 queries); numpy's reductions along the rows
+        # of that [rows, n] product are strided and slow (0.5 ms for n = 2 on the bottle bank), so it is copied to
+        # query-major (0.02-0.2 ms) and one layout serves what follows.
+        tall = np.empty((rows, n), dtype=np.float32) if n <= _FEW_QUERIES else None
+        scratch = np.empty((rows, self.dim), dtype=np.float32) if self._centred is None else None
+
+        def fill(start: int, stop: int, block: np.ndarray) -> None:
+            if scratch is None:
+                assert self._centred is not None
+                centred = self._centred[start:stop]
+            else:
+                centred = np.subtract(self.bank[start:stop], self.centre, out=scratch[:stop - start])
+            if tall is None:
+                np.matmul(centred_q, centred.T, out=block)
+            else:
+                np.matmul(centred, centred_q.T, out=tall[:stop - start])
+                np.copyto(block, tall[:stop - start].T)
+            block *= -2.0
+            block += self.norms[None, start:stop]
+        return fill
 
 
 def _float32_up(values: np.ndarray) -> np.ndarray:
