@@ -7,8 +7,8 @@ Each run writes a generated report (default: out/runtime_bench/runtime.md, or ru
 with --anomalib; out/ is git-ignored). The files in benchmarks/results/ hold several sessions' sections, edited
 by hand from these reports, so no run overwrites them unless --out names one.
 
-The bundle is the default export of MVTec AD bottle (MobileNetV2, 10 % coreset); it is exported once into
-out/bench/bottle-default (git-ignored) when missing and reused. The 83 bottle test images go through
+The bundle is the default export of MVTec AD bottle (PatchCore's default backbone, 10 % coreset); it is exported
+once into out/bench/bottle-default (git-ignored) when missing and reused. The 83 bottle test images go through
 `Detector.predict_batch` (ONNX Runtime, 2 threads) at batch 1 and batch 8 after a warm-up pass. Stage times are
 the detector's own `timing_ms`, with its search stage split into the hnswlib query (`PatchSearch.nearest`, timed
 by a wrapper) and the rest of the scoring (exact re-rank, re-weighting); decoding (`read_rgb`) is timed on its
@@ -889,7 +889,7 @@ def measure(args: argparse.Namespace, limit: Optional[int]) -> Dict[str, Any]:
     r: Dict[str, Any] = {
         "machine": machine(), "load_start": load(), "n_images": len(images),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "bundle": f"MobileNetV2 {'+'.join(manifest['layers'])}, {manifest['features']['dim']} dims, bank of "
+        "bundle": f"{manifest['backbone']['name']} {'+'.join(manifest['layers'])}, {manifest['features']['dim']} dims, bank of "
                   f"{manifest['method']['params']['coreset']['size']:,} vectors, first pass: the bank's k-means cells "
                   "(index.hnsw not read by this runtime)"}
     steps: List[Tuple[str, Callable[[], Any]]] = [
