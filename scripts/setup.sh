@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Where torch is not on the local disk pip downloads its CUDA build (several GB): without a second copy in pip's
+# cache the set-up needs less free disk (a CI run once ran out of it here).
+export PIP_NO_CACHE_DIR=1
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip

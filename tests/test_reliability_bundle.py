@@ -264,6 +264,7 @@ def test_export_into_the_nominal_folder_is_refused_before_work(tmp_path: Path) -
     (["--batch-size", "0"], "--batch-size"),
     (["--ef", "-1"], "--ef"),
     (["--ef", "8"], "run BUNDLE ... --ef N"),  # PatchCore keeps no index to record it in (format 3)
+    (["--method", "spade", "--reduction", "concat"], "--method spade forms its own"),  # refused, not ignored
     (["--device", "cuda"], "--device cuda"),
     (["--device", "banana"], "--device banana"),
 ])

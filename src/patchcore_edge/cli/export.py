@@ -97,6 +97,9 @@ def export_command(nominal_dir: Path, output: Path, method: str, method_params: 
         # Refused, not ignored: a user who sets it expects it to take effect.
         raise click.UsageError("--ef is recorded only by methods with an HNSW index; PatchCore's first pass is set "
                                "at run time: `patchcore-edge run BUNDLE ... --ef N` (k-means cells probed per patch)")
+    if reduction is not None and method != "patchcore":
+        raise click.UsageError(f"--reduction shapes PatchCore's patch vectors; --method {method} forms its own "
+                               "from the backbone's stages (drop --reduction)")
     try:
         import torch  # noqa: F401
     except ImportError:
