@@ -889,7 +889,8 @@ def measure(args: argparse.Namespace, limit: Optional[int]) -> Dict[str, Any]:
     r: Dict[str, Any] = {
         "machine": machine(), "load_start": load(), "n_images": len(images),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "bundle": f"{manifest['backbone']['name']} {'+'.join(manifest['layers'])}, {manifest['features']['dim']} dims, bank of "
+        "bundle": f"{manifest['backbone']['name']} {'+'.join(manifest['layers'])}, {manifest['features']['dim']} "
+                  f"dims, bank of "
                   f"{manifest['method']['params']['coreset']['size']:,} vectors, first pass: the bank's k-means cells "
                   "(index.hnsw not read by this runtime)"}
     steps: List[Tuple[str, Callable[[], Any]]] = [

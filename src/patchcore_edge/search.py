@@ -440,10 +440,14 @@ def _first_per_group(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
     return first
 
 
-def _lifted(centred: np.ndarray) -> np.ndarray:
-    """[x, 1] per row (float32 [n, D + 1]), the query side of `_augmented`."""
-    out = np.empty((centred.shape[0], centred.shape[1] + 1), dtype=np.float32)
-    out[:, :-1] = centred
+def _lifted(rows: np.ndarray, centre: Optional[np.ndarray] = None) -> np.ndarray:
+    """[x - centre, 1] per row (float32 [n, D + 1]; centre None: rows already centred), the query side of
+    `_augmented`; the subtraction writes into the result (no intermediate copy on the per-image path)."""
+    out = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.float32)
+    if centre is None:
+        out[:, :-1] = rows
+    else:
+        np.subtract(rows, centre, out=out[:, :-1])
     out[:, -1] = 1.0
     return out
 
@@ -504,7 +508,7 @@ class CellIndex:
     def lift(self, queries: np.ndarray) -> np.ndarray:
         """[q - centre, 1] per query (float32 [n, D + 1]): its product with `members` (or `centres`) gives
         ||x - c||^2 - 2 (q - c).(x - c) per row, which orders the rows as their distances to q do."""
-        return _lifted(queries - self.centre)
+        return _lifted(queries, self.centre)
 
     def default_probes(self) -> int:
         """DEFAULT_PROBES cells, more when that scans fewer than _MIN_SCANNED_ROWS rows (all cells of a small bank)."""
@@ -739,7 +743,6 @@ class PatchSearch:
         best = np.empty(n, dtype=np.int64)
         best[query[order][first]] = row[order][first]
         return best
-
 
     def _expansion_from_cells(self, centred_q: np.ndarray) -> Callable[[int, int, np.ndarray], None]:
         """Writes ||x - c||^2 - 2 (q - c).(x - c) for the positions start..stop of the cells' centred rows with their
