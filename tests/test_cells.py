@@ -7,6 +7,8 @@ rule (smallest `row_distances` value, lowest row among equal ones) whatever the 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Tuple
 
@@ -158,3 +160,118 @@ def test_two_threads_name_the_same_rows_as_one() -> None:
     # Ties between cells resolve to the lower cell in both: the duplicated rows name the lower one.
     on_duplicate = cells.nearest_rows(bank[95:96], 16, threads=1)
     assert int(on_duplicate[0]) == 95
+
+
+# --- the compiled first pass (patchcore_edge._cellscan, built by setup.py where a C compiler is present)
+
+needs_compiled = pytest.mark.skipif(search_module._cellscan is None,
+                                    reason="patchcore_edge._cellscan is not built in this install (no C compiler?)")
+
+
+@needs_compiled
+def test_compiled_first_pass_names_the_rows_numpy_names() -> None:
+    """Same cells, same rule (smallest value, lowest position): the rows may differ only where two values are within
+    rounding (fused multiply-adds against BLAS), so their distances agree to float32 precision."""
+    bank, images = _world()
+    queries = images.reshape(-1, bank.shape[1])
+    for cells, probes in ((1, 1), (16, 1), (16, 4), (default_cells(bank.shape[0]), 3), (300, 2)):
+        compiled, plain = CellIndex(bank, cells), CellIndex(bank, cells, compiled=False)
+        assert compiled.kernel.startswith("compiled") and plain.kernel == "numpy"
+        got, expected = compiled.nearest_rows(queries, probes), plain.nearest_rows(queries, probes)
+        assert np.mean(got == expected) > 0.99
+        np.testing.assert_allclose(row_distances(queries, bank[got]), row_distances(queries, bank[expected]),
+                                   rtol=1e-5, atol=1e-5)
+    # The duplicated rows: the lower one, as in numpy.
+    assert int(CellIndex(bank, 16).nearest_rows(bank[95:96], 16)[0]) == 95
+
+
+@needs_compiled
+def test_compiled_first_pass_on_two_threads_names_the_same_rows_as_on_one() -> None:
+    bank, images = _world()
+    cells = CellIndex(bank, 16)
+    queries = np.ascontiguousarray(np.tile(images.reshape(-1, bank.shape[1]), (2, 1)))
+    for probes in (1, 4):
+        np.testing.assert_array_equal(cells.nearest_rows(queries, probes, threads=2),
+                                      cells.nearest_rows(queries, probes, threads=1))
+
+
+@needs_compiled
+@pytest.mark.parametrize("compiled", [True, False])
+def test_image_scores_equal_exact_search_with_either_first_pass(compiled: bool) -> None:
+    bank, images = _world()
+    neighbours = bank_neighbours(bank, 5)
+    exact = image_scores(images, PatchSearch(bank, None, threads=1), neighbours)
+    search = PatchSearch(bank, CellIndex(bank, compiled=compiled), ef=2, threads=1)
+    for e, g in zip(exact, image_scores(images, search, neighbours)):
+        assert (g.score, g.max_distance, g.argmax, g.nearest_bank_index) == \
+            (e.score, e.max_distance, e.argmax, e.nearest_bank_index)
+        assert (g.patch_distances >= e.patch_distances).all()
+
+
+@needs_compiled
+def test_compiled_scan_refuses_inconsistent_arrays() -> None:
+    """The C entry points check every size and offset before reading (a ValueError, never a crash)."""
+    from patchcore_edge import _cellscan  # type: ignore[attr-defined]
+
+    bank, images = _world()
+    cells = CellIndex(bank, 8)
+    packed, cell_cols, _ = cells._packed
+    lifted = cells.lift(images[0])
+    n, dp = lifted.shape
+    starts, grouped = np.empty(cells.cells + 1, np.int64), np.empty(n, np.int64)
+    _cellscan.probe(lifted @ cells.centres, n, cells.cells, 1, starts, grouped)
+    value, col = np.full(n, np.inf, np.float32), np.zeros(n, np.int64)
+    bad_queries = grouped.copy()
+    bad_queries[3] = n  # a query number out of range
+    bad_cols = cell_cols.copy()
+    bad_cols[1] += 8  # a cell width that is not a multiple of 16
+    for args in ((lifted, n, dp, packed[:-1], cell_cols, cells.cells, starts, grouped, 0, cells.cells, value, col),
+                 (lifted, n, dp, packed, cell_cols, cells.cells, starts, bad_queries, 0, cells.cells, value, col),
+                 (lifted, n, dp, packed, bad_cols, cells.cells, starts, grouped, 0, cells.cells, value, col),
+                 (lifted, n, dp, packed, cell_cols, cells.cells, starts, grouped, 0, cells.cells + 1, value, col),
+                 (lifted[:-1], n, dp, packed, cell_cols, cells.cells, starts, grouped, 0, cells.cells, value, col)):
+        with pytest.raises(ValueError):
+            _cellscan.scan(*args)
+    with pytest.raises(ValueError):
+        _cellscan.probe(lifted @ cells.centres, n, cells.cells, cells.cells + 1, starts, grouped)
+
+
+def test_compiled_first_pass_is_refused_where_it_is_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    bank, _ = _world()
+    monkeypatch.setattr(search_module, "_cellscan", None)
+    assert CellIndex(bank, 8).kernel == "numpy"
+    with pytest.raises(RuntimeError, match="not built"):
+        CellIndex(bank, 8, compiled=True)
+
+
+@needs_compiled
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu "
+                           "qemu-user)")
+def test_the_neon_scan_names_the_rows_the_x86_scan_names(tmp_path: Path) -> None:
+    """The kernel as a Jetson builds it (aarch64, NEON), run under qemu: each value is the same chain of fused
+    multiply-adds as on x86 (AVX-512 or AVX2), so the rows are the same bit for bit."""
+    from patchcore_edge import _cellscan  # type: ignore[attr-defined]
+
+    if _cellscan.variant() not in ("avx512", "avx2"):
+        pytest.skip("the x86 scan here has no fused multiply-add to compare with")
+    root = Path(__file__).resolve().parents[1]
+    harness = tmp_path / "harness"
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-ffp-contract=fast", "-static", "-o", str(harness),
+                    "-I", str(root / "src" / "patchcore_edge" / "_native"), str(root / "tests" / "cellscan_harness.c")],
+                   check=True)
+    bank, images = _world()
+    cells = CellIndex(bank, 16)
+    packed, cell_cols, col_rows = cells._packed
+    queries = images.reshape(-1, bank.shape[1])
+    lifted = cells.lift(queries)
+    n, dp = lifted.shape
+    starts, grouped = np.empty(cells.cells + 1, np.int64), np.empty(n * 3, np.int64)
+    _cellscan.probe(lifted @ cells.centres, n, cells.cells, 3, starts, grouped)
+    for name, array in (("lifted.f32", lifted), ("packed.f32", packed), ("cell_cols.i64", cell_cols),
+                        ("starts.i64", starts), ("grouped.i64", grouped)):
+        array.tofile(tmp_path / name)
+    subprocess.run(["qemu-aarch64", str(harness), str(tmp_path), str(n), str(dp), str(cells.cells)], check=True,
+                   timeout=120)
+    neon = col_rows[np.fromfile(tmp_path / "col.i64", dtype=np.int64)]
+    np.testing.assert_array_equal(neon, cells.nearest_rows(queries, 3))

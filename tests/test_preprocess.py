@@ -144,3 +144,33 @@ def test_tiles_cover_the_image_and_stitching_keeps_the_maximum() -> None:
     stitched = stitch_maps(maps, tiles, 1000, 2500)
     assert stitched[-1, -1] == 5.0 and stitched.sum() == 5.0
     assert tile_boxes(100, 100, 512, 64) == [Tile(0, 0, 100, 100)]
+
+
+
+@pytest.mark.parametrize("grid, size", [((28, 28), (224, 224)), ((4, 8), (64, 32)), ((5, 7), (56, 40)), ((1, 1), (9, 9))])
+@pytest.mark.parametrize("sigma", [4.0, 1.5, 0.0])
+def test_the_anomaly_map_is_the_opencv_chain_that_defines_it(grid: tuple, size: tuple, sigma: float) -> None:
+    """Two products with per-axis weights give the bilinear resize then the Gaussian blur (up to float32 rounding),
+    and every pixel stays a weighted mean of its patches: weights >= 0 summing to 1, none beyond map_reach_cells."""
+    import cv2
+
+    from patchcore_edge.maps import anomaly_map, axis_weights, gaussian_kernel_size, map_reach_cells
+
+    patches = np.random.default_rng(0).gamma(2.0, 1.0, grid).astype(np.float32)
+    width, height = size
+    expected = cv2.resize(patches, (width, height), interpolation=cv2.INTER_LINEAR)
+    if sigma > 0:
+        k = gaussian_kernel_size(sigma)
+        expected = cv2.GaussianBlur(expected, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    got = anomaly_map(patches, (width, height), sigma)
+    assert got.shape == (height, width) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
+    reach = map_reach_cells(grid, max(size), sigma)
+    for cells, pixels in ((grid[0], height), (grid[1], width)):
+        weights = axis_weights(cells, pixels, sigma)
+        assert weights.shape == (pixels, cells) and (weights >= 0).all() and not weights.flags.writeable
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+        cell = max(size) / max(grid)
+        for i in range(cells):  # a unit patch reaches no pixel farther than map_reach_cells cells from it
+            touched = np.flatnonzero(weights[:, i] > 0)
+            assert (np.abs(touched + 0.5 - (i + 0.5) * pixels / cells) <= reach * cell).all()

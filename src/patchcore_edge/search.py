@@ -5,7 +5,8 @@ Every distance this module returns is Euclidean (not squared), float32, and comp
 *which* bank row; its own (squared, differently rounded) value is discarded. That makes "an approximate distance is never smaller
 than the exact one" hold bit-for-bit in float32, which `scoring.image_scores` relies on for its re-rank proof.
 
-Runs on the device: numpy and hnswlib only (threadpoolctl is used when installed, to bound BLAS threads).
+Runs on the device: numpy and hnswlib, and the cells' first pass compiled (`patchcore_edge._cellscan`, built by
+setup.py where a C compiler is present; numpy otherwise). threadpoolctl bounds BLAS threads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import hnswlib  # type: ignore[import-untyped]
 import numpy as np
 from .cpu import helper_thread
 from .errors import FileProblem
+
+try:  # optional: the install builds it where a C compiler is present (setup.py)
+    from . import _cellscan  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the install
+    _cellscan = None
 
 # Chosen from benchmarks/results/search.md (real MobileNetV2 bottle features, 784 queries per image):
 # M=16, ef_construction=200, ef=32 gives recall@1 0.998 (16k x 128), 0.992 (100k x 128), 0.998 (16k x 1024),
@@ -422,8 +428,14 @@ def nearest_centre(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 def cell_index_resident_bytes(count: int, dim: int) -> int:
     """Memory of a `CellIndex` over `count` x `dim` rows: the reordered bank with a norm row, the centres likewise,
-    and the row order."""
-    return count * (dim + 1) * 4 + default_cells(count) * (dim + 1) * 4 + count * 8
+    the row order and, with the compiled first pass, the packed copy of the rows (each cell padded to 16 columns)
+    with its column order."""
+    cells = default_cells(count)
+    plain = count * (dim + 1) * 4 + cells * (dim + 1) * 4 + count * 8
+    if _cellscan is None:
+        return plain
+    padded = count + 15 * cells
+    return plain + padded * (dim + 1) * 4 + padded * 8
 
 
 def search_bank_bytes(count: int, dim: int, cells: bool = False) -> int:
@@ -471,7 +483,10 @@ class CellIndex:
     just warmed, instead of a second copy; issue 13).
     """
 
-    def __init__(self, bank: np.ndarray, cells: Optional[int] = None, seed: int = 0) -> None:
+    def __init__(self, bank: np.ndarray, cells: Optional[int] = None, seed: int = 0,
+                 compiled: Optional[bool] = None) -> None:
+        if compiled and _cellscan is None:
+            raise RuntimeError("the compiled first pass (patchcore_edge._cellscan) is not built in this install")
         data = as_bank(bank)
         count = data.shape[0]
         k = default_cells(count) if cells is None else int(cells)
@@ -504,6 +519,14 @@ class CellIndex:
         self.centre = bank_centre(data)
         self.centres = _augmented(centres - self.centre)
         self.members = _augmented(data[order] - self.centre)
+        self._packed: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        if compiled is not False and _cellscan is not None:
+            self._packed = _packed_cells(self.members, self.bounds, self.rows)
+
+    @property
+    def kernel(self) -> str:
+        """The first pass's implementation: "compiled (avx512)" and the like, or "numpy"."""
+        return "numpy" if self._packed is None else f"compiled ({_cellscan.variant()})"
 
     def lift(self, queries: np.ndarray) -> np.ndarray:
         """[q - centre, 1] per query (float32 [n, D + 1]): its product with `members` (or `centres`) gives
@@ -517,17 +540,23 @@ class CellIndex:
 
     @property
     def nbytes(self) -> int:
-        return int(self.members.nbytes + self.centres.nbytes + self.rows.nbytes + self.bounds.nbytes)
+        packed = 0 if self._packed is None else sum(int(a.nbytes) for a in self._packed)
+        return int(self.members.nbytes + self.centres.nbytes + self.rows.nbytes + self.bounds.nbytes + packed)
 
     def nearest_rows(self, queries: np.ndarray, probes: int, threads: int = 1) -> np.ndarray:
         """The bank row (int64 [n]) with the smallest ||x||^2 - 2 q.x among the rows of each query's `probes`
         nearest cells (ties: the lower cell, then the lower position in it); float32 C-contiguous queries [n, D].
 
         `threads` 2 or more splits the probed cells between the calling thread and one worker when the batch has
-        enough work to pay for the hand-over (numpy's products and reductions release the GIL)."""
+        enough work to pay for the hand-over (numpy's products and reductions release the GIL, as the compiled scan
+        does). The compiled pass follows the same rule with its own rounding (fused multiply-adds instead of BLAS), so
+        where two rows are within rounding of each other it may name the other one; only which row is named can
+        differ, never a reported distance (`PatchSearch.nearest` measures it with `row_distances`)."""
         n = queries.shape[0]
         probes = int(max(1, min(probes, self.cells)))
         lifted = self.lift(queries)
+        if self._packed is not None:
+            return self._compiled_rows(lifted, probes, threads)
         with blas_threads(1):
             to_centres = lifted @ self.centres
             # Each query's probes in ascending cell order: column order is then the tie rule below.
@@ -571,6 +600,65 @@ class CellIndex:
         pick = by_query.reshape(n, probes).argmin(axis=1)
         rows: np.ndarray = self.rows[rows_at.reshape(n, probes)[np.arange(n), pick]]
         return rows
+
+    def _compiled_rows(self, lifted: np.ndarray, probes: int, threads: int) -> np.ndarray:
+        """`nearest_rows` through patchcore_edge._cellscan: probe selection and grouping, then one fused product and
+        running minimum per block of queries and columns (no product matrix written; search.md, session 8)."""
+        assert self._packed is not None
+        packed, cell_cols, col_rows = self._packed
+        n, dp = lifted.shape
+        starts = np.empty(self.cells + 1, dtype=np.int64)
+        grouped = np.empty(n * probes, dtype=np.int64)
+        with blas_threads(1):
+            to_centres = lifted @ self.centres
+        _cellscan.probe(to_centres, n, self.cells, probes, starts, grouped)
+        value = np.full(n, np.inf, dtype=np.float32)
+        col = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        work = np.diff(starts) * np.diff(cell_cols)
+
+        def scan(first: int, last: int, best: np.ndarray, at: np.ndarray) -> None:
+            _cellscan.scan(lifted, n, dp, packed, cell_cols, self.cells, starts, grouped, first, last, best, at)
+
+        total = int(work.sum())
+        if threads >= 2 and total >= _TWO_THREAD_WORK:
+            half = int(np.searchsorted(np.cumsum(work), total / 2.0)) + 1
+            other_value, other_col = value.copy(), col.copy()
+            pending = helper_thread().submit(scan, half, self.cells, other_value, other_col)
+            scan(0, half, value, col)
+            pending.result()
+            # The rule across the two halves, as within one: the smaller value, then the lower column.
+            better = (other_value < value) | ((other_value == value) & (other_col < col))
+            col = np.where(better, other_col, col)
+        else:
+            scan(0, self.cells, value, col)
+        rows: np.ndarray = col_rows[col]
+        return rows
+
+
+def _packed_cells(members: np.ndarray, bounds: np.ndarray, rows: np.ndarray
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The compiled first pass's copy of the cells' rows: each cell padded to a multiple of 16 columns (padding: zeros
+    with an infinite norm, so never the smallest) and cut into chunks of up to 64 columns stored [D + 1, width] each, so
+    that a chunk is contiguous (read from L1 by every block of queries; the [D + 1, M] layout's row stride of M floats
+    maps a column's values onto a few cache sets). Returns (packed float32 flat, cell_cols int64 [cells + 1]: each
+    cell's first packed column, col_rows int64: the bank row of each packed column, -1 for padding)."""
+    dp = members.shape[0]
+    sizes = np.diff(bounds)
+    widths = (sizes + 15) // 16 * 16
+    cell_cols = np.concatenate(([0], np.cumsum(widths))).astype(np.int64)
+    packed = np.empty(dp * int(cell_cols[-1]), dtype=np.float32)
+    col_rows = np.full(int(cell_cols[-1]), -1, dtype=np.int64)
+    for cell in range(sizes.size):
+        low, high, first = int(bounds[cell]), int(bounds[cell + 1]), int(cell_cols[cell])
+        block = np.zeros((dp, int(widths[cell])), dtype=np.float32)
+        block[-1] = np.inf
+        block[:, :high - low] = members[:, low:high]
+        col_rows[first:first + high - low] = rows[low:high]
+        for chunk in range(0, int(widths[cell]), 64):
+            width = min(64, int(widths[cell]) - chunk)
+            start = dp * (first + chunk)
+            packed[start:start + dp * width] = block[:, chunk:chunk + width].ravel()
+    return packed, cell_cols, col_rows
 
 
 class PatchSearch:

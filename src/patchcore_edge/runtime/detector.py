@@ -32,6 +32,7 @@ from ..maps import anomaly_map, map_reach_cells
 from ..methods import Scorer, ScorerOptions, UnknownMethod, scorer_class
 from ..preprocess import (Geometry, Tile, geometry, map_to_image, patch_validity, preprocess, region_mask,
                           stitch_maps)
+from ..search import blas_threads
 from .backends import FeatureBackend, open_backend
 from .outputs import MapScale, MapWriter, map_scale_for
 
@@ -235,7 +236,9 @@ class Detector:
                             map_scale=self.map_scale)
             if maps:
                 size = (self.spec.width, self.spec.height)
-                input_map = anomaly_map(method_score.patch_map, size, self.sigma)
+                # One BLAS thread for the map's small products: a pool would keep spinning into the next network run.
+                with blas_threads(1):
+                    input_map = anomaly_map(method_score.patch_map, size, self.sigma)
                 result.anomaly_map = map_to_image(input_map, geo)
                 if tiles is None:
                     result.anomaly_map = self._honour_region(result.anomaly_map)
