@@ -7,8 +7,9 @@
 #include <stdlib.h>
 
 #define KERNEL scan_neon
+#define VALUES values_neon
 #define VBYTES 16
-#define QB 4
+#define QB 6
 #define VB 4
 #define ATTR
 #include "cellscan_kernel.h"
@@ -40,7 +41,8 @@ int main(int argc, char **argv)
     float *value = malloc(sizeof(float) * (size_t)n);
     int64_t *col = malloc(sizeof(int64_t) * (size_t)n);
     for (int64_t i = 0; i < n; ++i) { value[i] = __builtin_inff(); col[i] = INT64_MAX; }
-    scan_neon(lifted, dp, packed, cols, starts, grouped, 0, cells, value, col);
+    int64_t next_cell = 0;
+    scan_neon(lifted, dp, packed, cols, starts, grouped, &next_cell, cells, value, col);
     char path[4096];
     snprintf(path, sizeof path, "%s/col.i64", dir);
     FILE *f = fopen(path, "wb");

@@ -110,6 +110,9 @@ def test_cells_are_a_function_of_the_bank() -> None:
     np.testing.assert_array_equal(a.rows, b.rows)
     np.testing.assert_array_equal(a.bounds, b.bounds)
     np.testing.assert_array_equal(a.members, b.members)
+    if a.packed is not None:
+        np.testing.assert_array_equal(a.packed, b.packed)
+        np.testing.assert_array_equal(a.col_rows, b.col_rows)
     queries = images.reshape(-1, bank.shape[1])
     np.testing.assert_array_equal(a.nearest_rows(queries, 3), b.nearest_rows(queries, 3))
     assert 1 < a.cells <= default_cells(bank.shape[0]) and sorted(a.rows.tolist()) == list(range(bank.shape[0]))
@@ -148,9 +151,9 @@ def test_real_bundle_scores_equal_exact_search_in_every_batch(tiny_bundle: Path)
 
 
 def test_two_threads_name_the_same_rows_as_one() -> None:
-    """The second thread takes half of the probed cells: the rows named (ties included) must not change."""
+    """The second thread takes part of the probed cells: the rows named (ties included) must not change."""
     bank, images = _world()
-    cells = CellIndex(bank, 16)
+    cells = CellIndex(bank, 16, compiled=False)
     queries = np.ascontiguousarray(np.tile(images.reshape(-1, bank.shape[1]), (2, 1)))
     rows_per_cell = bank.shape[0] / cells.cells
     assert queries.shape[0] * 4 * rows_per_cell > search_module._TWO_THREAD_WORK  # the two-thread path runs
@@ -190,6 +193,7 @@ def test_compiled_first_pass_on_two_threads_names_the_same_rows_as_on_one() -> N
     bank, images = _world()
     cells = CellIndex(bank, 16)
     queries = np.ascontiguousarray(np.tile(images.reshape(-1, bank.shape[1]), (2, 1)))
+    assert queries.shape[0] * bank.shape[0] / 16 > search_module._TWO_THREAD_COMPILED_WORK  # two threads run
     for probes in (1, 4):
         np.testing.assert_array_equal(cells.nearest_rows(queries, probes, threads=2),
                                       cells.nearest_rows(queries, probes, threads=1))
@@ -215,25 +219,33 @@ def test_compiled_scan_refuses_inconsistent_arrays() -> None:
 
     bank, images = _world()
     cells = CellIndex(bank, 8)
-    packed, cell_cols, _ = cells._packed
+    packed, cell_cols = cells.packed, cells.cell_cols
     lifted = cells.lift(images[0])
     n, dp = lifted.shape
     starts, grouped = np.empty(cells.cells + 1, np.int64), np.empty(n, np.int64)
     _cellscan.probe(lifted @ cells.centres, n, cells.cells, 1, starts, grouped)
-    value, col = np.full(n, np.inf, np.float32), np.zeros(n, np.int64)
+    value, col, counter = np.full(n, np.inf, np.float32), np.zeros(n, np.int64), np.zeros(1, np.int64)
     bad_queries = grouped.copy()
     bad_queries[3] = n  # a query number out of range
     bad_cols = cell_cols.copy()
     bad_cols[1] += 8  # a cell width that is not a multiple of 16
-    for args in ((lifted, n, dp, packed[:-1], cell_cols, cells.cells, starts, grouped, 0, cells.cells, value, col),
-                 (lifted, n, dp, packed, cell_cols, cells.cells, starts, bad_queries, 0, cells.cells, value, col),
-                 (lifted, n, dp, packed, bad_cols, cells.cells, starts, grouped, 0, cells.cells, value, col),
-                 (lifted, n, dp, packed, cell_cols, cells.cells, starts, grouped, 0, cells.cells + 1, value, col),
-                 (lifted[:-1], n, dp, packed, cell_cols, cells.cells, starts, grouped, 0, cells.cells, value, col)):
+    k = cells.cells
+    for args in ((lifted, n, dp, packed[:-1], cell_cols, k, starts, grouped, counter, value, col),
+                 (lifted, n, dp, packed, cell_cols, k, starts, bad_queries, counter, value, col),
+                 (lifted, n, dp, packed, bad_cols, k, starts, grouped, counter, value, col),
+                 (lifted, n, dp, packed, cell_cols, k, starts, grouped, np.full(1, -1, np.int64), value, col),
+                 (lifted, n, dp, packed, cell_cols, k, starts, grouped, counter.astype(np.int32), value, col),
+                 (lifted[:-1], n, dp, packed, cell_cols, k, starts, grouped, counter, value, col)):
         with pytest.raises(ValueError):
             _cellscan.scan(*args)
+    assert counter[0] == 0 and np.isinf(value).all()  # refused before any work
+    out = np.empty((n, packed.size // dp), np.float32)
+    for args in ((lifted, n, dp, packed, cell_cols, k, 0, k + 1, out), (lifted, n, dp, packed, cell_cols, k, 0, k, out[:-1]),
+                 (lifted, n, dp, packed, bad_cols, k, 0, k, out)):
+        with pytest.raises(ValueError):
+            _cellscan.values(*args)
     with pytest.raises(ValueError):
-        _cellscan.probe(lifted @ cells.centres, n, cells.cells, cells.cells + 1, starts, grouped)
+        _cellscan.probe(lifted @ cells.centres, n, k, k + 1, starts, grouped)
 
 
 def test_compiled_first_pass_is_refused_where_it_is_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,7 +274,7 @@ def test_the_neon_scan_names_the_rows_the_x86_scan_names(tmp_path: Path) -> None
                    check=True)
     bank, images = _world()
     cells = CellIndex(bank, 16)
-    packed, cell_cols, col_rows = cells._packed
+    packed, cell_cols, col_rows = cells.packed, cells.cell_cols, cells.col_rows
     queries = images.reshape(-1, bank.shape[1])
     lifted = cells.lift(queries)
     n, dp = lifted.shape
@@ -275,3 +287,31 @@ def test_the_neon_scan_names_the_rows_the_x86_scan_names(tmp_path: Path) -> None
                    timeout=120)
     neon = col_rows[np.fromfile(tmp_path / "col.i64", dtype=np.int64)]
     np.testing.assert_array_equal(neon, cells.nearest_rows(queries, 3))
+
+
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_compiled), False])
+@pytest.mark.parametrize("block_values", [16 * 1024 * 1024, 3000])
+def test_exact_search_through_the_cells_follows_its_rule(compiled: bool, block_values: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact search reads the cells' rows (the packed copy when compiled): the same rule, in one span of columns or
+    in many (a small block forces spans of a few cells)."""
+    monkeypatch.setattr(search_module, "_BLOCK_VALUES", block_values)
+    bank, images = _world()
+    search = PatchSearch(bank, CellIndex(bank, 16, compiled=compiled), ef=2, threads=1)
+    if compiled:
+        cells = search.index
+        assert cells.kernel.startswith("compiled")
+        most = search_module._block_rows(300, cells.packed_columns)
+        spans = cells.column_spans(most)
+        assert (len(spans) == 1) == (block_values > 10**6)
+        # The spans tile the packed columns, each at most `most` columns or a single cell.
+        assert spans[0][0] == 0 and spans[-1][1] == cells.packed_columns
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(stop - start <= most or np.sum((cells.cell_cols > start) & (cells.cell_cols <= stop)) == 1
+                   for start, stop in spans)
+    queries = images.reshape(-1, bank.shape[1])[:300]
+    expected = _rule(queries, bank)
+    found = search.exact_nearest(queries)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[0], expected[0])
+    assert found[0][5] == 0.0 and found[1][5] == 95

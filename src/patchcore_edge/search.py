@@ -16,7 +16,7 @@ import os
 import struct
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, List, Optional, Tuple, Union
 
 import hnswlib  # type: ignore[import-untyped]
 import numpy as np
@@ -406,6 +406,9 @@ _MIN_SCANNED_ROWS = 768
 # Query x row products of a first pass above which a second thread pays for its hand-over: bottle bank, 2 cores,
 # ms per image wall 2.55 -> 2.81 at batch 1 (0.6M), 2.23 -> 2.20 at 2, 2.02 -> 1.54 at 4, 1.92 -> 1.71 at 8.
 _TWO_THREAD_WORK = 2_000_000
+# ... and for the compiled pass, which holds no GIL while it runs and shares its cells through a counter: bottle bank,
+# batch 1 (0.62M products), after a network run, ms: 2.58 on one thread, 2.09 on two (session 8).
+_TWO_THREAD_COMPILED_WORK = 250_000
 _KMEANS_ITERATIONS = 8
 _KMEANS_SAMPLE = 65536  # training rows for the cells' centres (all rows are then assigned)
 
@@ -519,14 +522,50 @@ class CellIndex:
         self.centre = bank_centre(data)
         self.centres = _augmented(centres - self.centre)
         self.members = _augmented(data[order] - self.centre)
-        self._packed: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        # The compiled pass's copy (`_packed_cells`): packed rows, each cell's first column, each column's bank row.
+        self.packed: Optional[np.ndarray] = None
+        self.cell_cols = np.empty(0, dtype=np.int64)
+        self.col_rows = np.empty(0, dtype=np.int64)
         if compiled is not False and _cellscan is not None:
-            self._packed = _packed_cells(self.members, self.bounds, self.rows)
+            self.packed, self.cell_cols, self.col_rows = _packed_cells(self.members, self.bounds, self.rows)
 
     @property
     def kernel(self) -> str:
         """The first pass's implementation: "compiled (avx512)" and the like, or "numpy"."""
-        return "numpy" if self._packed is None else f"compiled ({_cellscan.variant()})"
+        return "numpy" if self.packed is None else f"compiled ({_cellscan.variant()})"
+
+    @property
+    def packed_columns(self) -> int:
+        return int(self.cell_cols[-1]) if self.packed is not None else 0
+
+    def packed_rows(self, cols: np.ndarray) -> np.ndarray:
+        """The bank row of each packed column (padding columns, never chosen, are -1)."""
+        rows: np.ndarray = self.col_rows[cols]
+        return rows
+
+    def column_spans(self, most: int) -> List[Tuple[int, int]]:
+        """The packed columns in spans of whole cells, each at most `most` columns (or one cell, if larger)."""
+        spans: List[Tuple[int, int]] = []
+        first = last = 0
+        for end in self.cell_cols[1:].tolist():
+            if end - first > most and last > first:
+                spans.append((first, last))
+                first = last
+            last = end
+        spans.append((first, last))
+        return spans
+
+    def expansion_fill(self, lifted: np.ndarray) -> Callable[[int, int, np.ndarray], None]:
+        """fill(start, stop, block): block [n, stop - start] = lifted [n, D + 1] times the packed columns start..stop
+        (a span of whole cells from `column_spans`), by the compiled products."""
+        assert self.packed is not None
+        cell_of = {int(col): cell for cell, col in enumerate(self.cell_cols.tolist())}
+        n, dp = lifted.shape
+
+        def fill(start: int, stop: int, block: np.ndarray) -> None:
+            _cellscan.values(lifted, n, dp, self.packed, self.cell_cols, self.cells, cell_of[start], cell_of[stop],
+                             block)
+        return fill
 
     def lift(self, queries: np.ndarray) -> np.ndarray:
         """[q - centre, 1] per query (float32 [n, D + 1]): its product with `members` (or `centres`) gives
@@ -540,7 +579,7 @@ class CellIndex:
 
     @property
     def nbytes(self) -> int:
-        packed = 0 if self._packed is None else sum(int(a.nbytes) for a in self._packed)
+        packed = 0 if self.packed is None else int(self.packed.nbytes + self.cell_cols.nbytes + self.col_rows.nbytes)
         return int(self.members.nbytes + self.centres.nbytes + self.rows.nbytes + self.bounds.nbytes + packed)
 
     def nearest_rows(self, queries: np.ndarray, probes: int, threads: int = 1) -> np.ndarray:
@@ -555,7 +594,7 @@ class CellIndex:
         n = queries.shape[0]
         probes = int(max(1, min(probes, self.cells)))
         lifted = self.lift(queries)
-        if self._packed is not None:
+        if self.packed is not None:
             return self._compiled_rows(lifted, probes, threads)
         with blas_threads(1):
             to_centres = lifted @ self.centres
@@ -604,8 +643,8 @@ class CellIndex:
     def _compiled_rows(self, lifted: np.ndarray, probes: int, threads: int) -> np.ndarray:
         """`nearest_rows` through patchcore_edge._cellscan: probe selection and grouping, then one fused product and
         running minimum per block of queries and columns (no product matrix written; search.md, session 8)."""
-        assert self._packed is not None
-        packed, cell_cols, col_rows = self._packed
+        assert self.packed is not None
+        packed, cell_cols = self.packed, self.cell_cols
         n, dp = lifted.shape
         starts = np.empty(self.cells + 1, dtype=np.int64)
         grouped = np.empty(n * probes, dtype=np.int64)
@@ -614,25 +653,22 @@ class CellIndex:
         _cellscan.probe(to_centres, n, self.cells, probes, starts, grouped)
         value = np.full(n, np.inf, dtype=np.float32)
         col = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-        work = np.diff(starts) * np.diff(cell_cols)
+        next_cell = np.zeros(1, dtype=np.int64)  # the threads claim cells from it, so a late one takes fewer
 
-        def scan(first: int, last: int, best: np.ndarray, at: np.ndarray) -> None:
-            _cellscan.scan(lifted, n, dp, packed, cell_cols, self.cells, starts, grouped, first, last, best, at)
+        def scan(best: np.ndarray, at: np.ndarray) -> None:
+            _cellscan.scan(lifted, n, dp, packed, cell_cols, self.cells, starts, grouped, next_cell, best, at)
 
-        total = int(work.sum())
-        if threads >= 2 and total >= _TWO_THREAD_WORK:
-            half = int(np.searchsorted(np.cumsum(work), total / 2.0)) + 1
+        if threads >= 2 and int((np.diff(starts) * np.diff(cell_cols)).sum()) >= _TWO_THREAD_COMPILED_WORK:
             other_value, other_col = value.copy(), col.copy()
-            pending = helper_thread().submit(scan, half, self.cells, other_value, other_col)
-            scan(0, half, value, col)
+            pending = helper_thread().submit(scan, other_value, other_col)
+            scan(value, col)
             pending.result()
-            # The rule across the two halves, as within one: the smaller value, then the lower column.
+            # The rule across the two threads' cells, as within one: the smaller value, then the lower column.
             better = (other_value < value) | ((other_value == value) & (other_col < col))
             col = np.where(better, other_col, col)
         else:
-            scan(0, self.cells, value, col)
-        rows: np.ndarray = col_rows[col]
-        return rows
+            scan(value, col)
+        return self.packed_rows(col)
 
 
 def _packed_cells(members: np.ndarray, bounds: np.ndarray, rows: np.ndarray
@@ -800,30 +836,25 @@ class PatchSearch:
         centred_q = q - self.centre
         margins = self._margins(centred_q)
         smallest = np.full(n, np.inf, dtype=np.float64)
-        kept_query, kept_row, kept_value = [], [], []
-        rows = min(_block_rows(n, self.count), self.count)
-        buffer = np.empty((n, rows), dtype=np.float32)
-        fill = (self._expansion_from_cells(centred_q) if self._cells is not None
-                else self._expansion_from_rows(centred_q, rows))
+        kept_query, kept_col, kept_value = [], [], []
+        spans, fill, rows_of = self._expansion(centred_q)
+        buffer = np.empty(n * max(stop - start for start, stop in spans), dtype=np.float32)
         # Re-rank-sized calls use one BLAS thread whatever `threads` says: a second one gains little on so few
         # queries, and OpenBLAS workers busy-wait after the call, taking a core from the stages that follow
         # (2 cores, batch 1: 19 -> 13 ms per image end to end; benchmarks/results/runtime.md).
         with blas_threads(1 if n <= _ONE_THREAD_QUERIES else self.threads):
-            for start in range(0, self.count, rows):
-                stop = min(self.count, start + rows)
-                block = buffer[:, :stop - start]
+            for start, stop in spans:
+                block = buffer[:n * (stop - start)].reshape(n, stop - start)
                 fill(start, stop, block)
                 low = block.min(axis=1).astype(np.float64)
-                query, row = np.nonzero(block <= _float32_up(low + margins)[:, None])
-                kept_value.append(block[query, row])
+                query, col = np.nonzero(block <= _float32_up(low + margins)[:, None])
+                kept_value.append(block[query, col])
                 kept_query.append(query)
-                kept_row.append(row + start)
+                kept_col.append(col + start)
                 np.minimum(smallest, low, out=smallest)
-        query, row, value = np.concatenate(kept_query), np.concatenate(kept_row), np.concatenate(kept_value)
+        query, col, value = np.concatenate(kept_query), np.concatenate(kept_col), np.concatenate(kept_value)
         near = value <= _float32_up(smallest + margins)[query]
-        query, row = query[near], row[near].astype(np.int64)
-        if self._cells is not None:  # positions in the cell order -> bank rows, before the tie rule
-            row = self._cells.rows[row]
+        query, row = query[near], rows_of(col[near].astype(np.int64))  # columns -> bank rows, before the tie rule
         distances = row_distances(q[query], self.bank[row])
         # Per query: the smallest direct distance, then the lowest row (lexsort: the last key is the primary one).
         order = np.lexsort((row, distances, query))
@@ -831,6 +862,22 @@ class PatchSearch:
         best = np.empty(n, dtype=np.int64)
         best[query[order][first]] = row[order][first]
         return best
+
+    def _expansion(self, centred_q: np.ndarray) -> Tuple[List[Tuple[int, int]], Callable[[int, int, np.ndarray], None],
+                                                         Callable[[np.ndarray], np.ndarray]]:
+        """The expanded values ||x - c||^2 - 2 (q - c).(x - c) in column spans: (spans [(start, stop)], fill(start, stop,
+        block [n, stop - start]), the bank row of each column). Columns: the compiled cells' packed columns (padding
+        gives +inf: never kept), else the cells' positions, else the bank rows; a span holds at most ~64 MiB of values."""
+        n = centred_q.shape[0]
+        cells = self._cells
+        if cells is not None and cells.packed is not None:
+            spans = cells.column_spans(_block_rows(n, cells.packed_columns))
+            return spans, cells.expansion_fill(_lifted(centred_q)), cells.packed_rows
+        rows = min(_block_rows(n, self.count), self.count)
+        spans = [(start, min(self.count, start + rows)) for start in range(0, self.count, rows)]
+        if cells is not None:
+            return spans, self._expansion_from_cells(centred_q), cells.rows.__getitem__
+        return spans, self._expansion_from_rows(centred_q, rows), _same_rows
 
     def _expansion_from_cells(self, centred_q: np.ndarray) -> Callable[[int, int, np.ndarray], None]:
         """Writes ||x - c||^2 - 2 (q - c).(x - c) for the positions start..stop of the cells' centred rows with their
@@ -867,6 +914,10 @@ class PatchSearch:
             block *= -2.0
             block += self.norms[None, start:stop]
         return fill
+
+
+def _same_rows(rows: np.ndarray) -> np.ndarray:
+    return rows
 
 
 def _float32_up(values: np.ndarray) -> np.ndarray:
