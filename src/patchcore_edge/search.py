@@ -413,6 +413,12 @@ _KMEANS_ITERATIONS = 8
 _KMEANS_SAMPLE = 65536  # training rows for the cells' centres (all rows are then assigned)
 
 
+def first_pass_kernel() -> str:
+    """The cells' first pass this install runs: "compiled (avx512)", "compiled (avx2)", "compiled (sse2)",
+    "compiled (neon)", or "numpy" where patchcore_edge._cellscan was not built."""
+    return "numpy" if _cellscan is None else f"compiled ({_cellscan.variant()})"
+
+
 def default_cells(count: int) -> int:
     """Cells for a bank of `count` rows: about sqrt(count) / 2 (64 for 16k, 158 for 100k), so that a patch's
     probes scan ~3 * 2 sqrt(count) rows next to the sqrt(count) / 2 centres."""
@@ -531,8 +537,8 @@ class CellIndex:
 
     @property
     def kernel(self) -> str:
-        """The first pass's implementation: "compiled (avx512)" and the like, or "numpy"."""
-        return "numpy" if self.packed is None else f"compiled ({_cellscan.variant()})"
+        """This index's first pass: `first_pass_kernel()`, or "numpy" when built with compiled=False."""
+        return "numpy" if self.packed is None else first_pass_kernel()
 
     @property
     def packed_columns(self) -> int:
