@@ -242,16 +242,16 @@ def test_estimate_components_and_budget(tiny_bundle: Path) -> None:
                                       backend="onnxruntime")
     parts = estimate["components"]
     # The bank and its squared norms (the exact search reads the cells' centred rows: no centred copy); the first
-    # pass's cells: the bank reordered with a norm row, the centres likewise, the row order, and where the compiled
-    # first pass is built its packed copy (each cell padded to at most 15 more columns) with the column order.
+    # pass's cells: the bank reordered with a norm row (numpy pass) or, where the compiled pass is built, its packed
+    # copy (each cell padded to at most 15 more columns) with the column order; the centres likewise, the row order.
     assert parts["bank"] == size * dim * 4 + size * 4
     cells = search.default_cells(size)
-    plain = size * (dim + 1) * 4 + cells * (dim + 1) * 4 + size * 8
+    shared = cells * (dim + 1) * 4 + size * 8
     padded = size + 15 * cells
-    packed = 0 if search._cellscan is None else padded * (dim + 1) * 4 + padded * 8
-    assert parts["index"] == plain + packed
+    rows = size * (dim + 1) * 4 if search._cellscan is None else padded * (dim + 1) * 4 + padded * 8
+    assert parts["index"] == shared + rows
     real = search.CellIndex(np.load(tiny_bundle / "memory_bank.npy"))
-    assert real.cells == cells and plain <= real.nbytes <= parts["index"]
+    assert real.cells == cells and shared + size * (dim + 1) * 4 <= real.nbytes <= parts["index"]
     assert parts["neighbours"] == size * manifest["method"]["params"]["reweight_neighbours"] * 4
     assert parts["model"] == int(manifest["files"]["features.onnx"]["bytes"] * memory.ORT_MODEL_FACTOR)
     assert estimate["total"] == sum(parts.values())

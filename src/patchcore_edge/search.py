@@ -436,15 +436,15 @@ def nearest_centre(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def cell_index_resident_bytes(count: int, dim: int) -> int:
-    """Memory of a `CellIndex` over `count` x `dim` rows: the reordered bank with a norm row, the centres likewise,
-    the row order and, with the compiled first pass, the packed copy of the rows (each cell padded to 16 columns)
-    with its column order."""
+    """Memory of a `CellIndex` over `count` x `dim` rows: the reordered bank with a norm row (numpy pass) or its packed
+    copy (compiled pass: each cell padded to at most 15 more columns, with the column order), the centres with their
+    norm row, the row order."""
     cells = default_cells(count)
-    plain = count * (dim + 1) * 4 + cells * (dim + 1) * 4 + count * 8
+    shared = cells * (dim + 1) * 4 + count * 8
     if _cellscan is None:
-        return plain
+        return shared + count * (dim + 1) * 4
     padded = count + 15 * cells
-    return plain + padded * (dim + 1) * 4 + padded * 8
+    return shared + padded * (dim + 1) * 4 + padded * 8
 
 
 def search_bank_bytes(count: int, dim: int, cells: bool = False) -> int:
@@ -527,13 +527,18 @@ class CellIndex:
         # order of distances to a query, and so the rows found, are those of the raw rows.
         self.centre = bank_centre(data)
         self.centres = _augmented(centres - self.centre)
-        self.members = _augmented(data[order] - self.centre)
+        members = _augmented(data[order] - self.centre)
+        self.count, self.dim = int(count), int(data.shape[1])
         # The compiled pass's copy (`_packed_cells`): packed rows, each cell's first column, each column's bank row.
         self.packed: Optional[np.ndarray] = None
         self.cell_cols = np.empty(0, dtype=np.int64)
         self.col_rows = np.empty(0, dtype=np.int64)
+        # The numpy pass and its exact search read `members` ([D + 1, M], cell order); the compiled ones read only the
+        # packed copy, so `members` is not kept beside it (one copy of the bank: 8 MB for bottle, 48 MB for 100k).
+        self.members: Optional[np.ndarray] = members
         if compiled is not False and _cellscan is not None:
-            self.packed, self.cell_cols, self.col_rows = _packed_cells(self.members, self.bounds, self.rows)
+            self.packed, self.cell_cols, self.col_rows = _packed_cells(members, self.bounds, self.rows)
+            self.members = None
 
     @property
     def kernel(self) -> str:
@@ -580,13 +585,14 @@ class CellIndex:
 
     def default_probes(self) -> int:
         """DEFAULT_PROBES cells, more when that scans fewer than _MIN_SCANNED_ROWS rows (all cells of a small bank)."""
-        rows_per_cell = self.members.shape[1] / self.cells
+        rows_per_cell = self.count / self.cells
         return int(min(self.cells, max(DEFAULT_PROBES, math.ceil(_MIN_SCANNED_ROWS / rows_per_cell))))
 
     @property
     def nbytes(self) -> int:
         packed = 0 if self.packed is None else int(self.packed.nbytes + self.cell_cols.nbytes + self.col_rows.nbytes)
-        return int(self.members.nbytes + self.centres.nbytes + self.rows.nbytes + self.bounds.nbytes + packed)
+        members = 0 if self.members is None else int(self.members.nbytes)
+        return int(members + self.centres.nbytes + self.rows.nbytes + self.bounds.nbytes + packed)
 
     def nearest_rows(self, queries: np.ndarray, probes: int, threads: int = 1) -> np.ndarray:
         """The bank row (int64 [n]) with the smallest ||x||^2 - 2 q.x among the rows of each query's `probes`
@@ -602,6 +608,8 @@ class CellIndex:
         lifted = self.lift(queries)
         if self.packed is not None:
             return self._compiled_rows(lifted, probes, threads)
+        members = self.members
+        assert members is not None  # kept whenever there is no packed copy
         with blas_threads(1):
             to_centres = lifted @ self.centres
             # Each query's probes in ascending cell order: column order is then the tie rule below.
@@ -624,7 +632,7 @@ class CellIndex:
                 # One product per probed cell, for every query of the batch that probes it.
                 for start, stop, low, high in zip(starts[first:last].tolist(), stops[first:last].tolist(),
                                                   lows[first:last].tolist(), highs[first:last].tolist()):
-                    block = grouped[start:stop] @ self.members[:, low:high]
+                    block = grouped[start:stop] @ members[:, low:high]
                     local = block.argmin(axis=1)
                     values[start:stop] = block[np.arange(stop - start), local]
                     found[start:stop] = local + low
@@ -719,9 +727,8 @@ class PatchSearch:
         self.bank = as_bank(bank)
         count, dim = self.bank.shape
         if isinstance(index, CellIndex):
-            if index.members.shape != (dim + 1, count):
-                raise ValueError(f"cell index holds {index.members.shape[1]} vectors of dim "
-                                 f"{index.members.shape[0] - 1}, bank is {count} x {dim}")
+            if (index.count, index.dim) != (count, dim):
+                raise ValueError(f"cell index holds {index.count} vectors of dim {index.dim}, bank is {count} x {dim}")
         elif index is not None and (index.dim != dim or index.element_count != count):
             raise ValueError(f"index holds {index.element_count} vectors of dim {index.dim}, "
                              f"bank is {count} x {dim}")
@@ -891,6 +898,7 @@ class PatchSearch:
         norm enters as one more term of the sum, so the rounding stays within the bound above)."""
         assert self._cells is not None
         members, lifted = self._cells.members, _lifted(centred_q)
+        assert members is not None  # kept whenever the pass is numpy's (`_expansion` chooses)
 
         def fill(start: int, stop: int, block: np.ndarray) -> None:
             np.matmul(lifted, members[:, start:stop], out=block)
