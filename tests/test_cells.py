@@ -320,3 +320,22 @@ def test_exact_search_through_the_cells_follows_its_rule(compiled: bool, block_v
     np.testing.assert_array_equal(found[1], expected[1])
     np.testing.assert_array_equal(found[0], expected[0])
     assert found[0][5] == 0.0 and found[1][5] == 95
+
+
+def test_a_bundle_scores_the_same_without_the_compiled_pass(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without a C compiler runs the numpy pass end to end: the same image scores, maps within rounding."""
+    from patchcore_edge.runtime.detector import Detector
+
+    rng = np.random.default_rng(5)
+    images = [np.clip(rng.normal(128, 40, (96, 96, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    images[1][10:40, 20:50] = (20, 240, 20)
+    with Detector.load(tiny_bundle, backend="onnxruntime", threads=2) as usual:
+        expected = usual.predict_batch(images)
+    monkeypatch.setattr(search_module, "_cellscan", None)
+    with Detector.load(tiny_bundle, backend="onnxruntime", threads=2) as plain:
+        assert plain.scorer.search.index.kernel == "numpy"
+        got = plain.predict_batch(images)
+    assert [r.score for r in got] == [r.score for r in expected]
+    for g, e in zip(got, expected):
+        assert g.anomaly_map is not None and e.anomaly_map is not None
+        np.testing.assert_allclose(g.anomaly_map, e.anomaly_map, rtol=1e-5, atol=1e-5 * float(e.anomaly_map.max()))
