@@ -306,6 +306,11 @@ def test_cli_list_show_detect(tmp_path: Path) -> None:
     detected = json.loads(runner.invoke(devices_group, ["detect", "--root", str(root), "--no-probe",
                                                         "--json"]).output)
     assert (detected["device"], detected["variant"], detected["dla_cores"]) == ("jetson-xavier-nx", "16GB", 2)
+    # Which search the install runs: the compiled pass where setup.py could build it, numpy otherwise.
+    assert detected["first_pass"] == search.first_pass_kernel()
+    assert detected["first_pass"] == ("numpy" if search._cellscan is None else f"compiled ({search._cellscan.variant()})")
+    text = runner.invoke(devices_group, ["detect", "--root", str(root), "--no-probe"]).output
+    assert f"PatchCore first pass: {detected['first_pass']}" in text
 
 
 def test_cli_fit(tiny_bundle: Path) -> None:

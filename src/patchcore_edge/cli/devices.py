@@ -19,6 +19,7 @@ from ..devices.detect import DeviceInfo, detect_device
 from ..devices.engine import build_and_register
 from ..devices.memory import estimate_memory, format_estimate
 from ..devices.profiles import ProfileError, get_profile, load_profiles
+from ..search import first_pass_kernel
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -96,6 +97,7 @@ def _print_device(info: DeviceInfo) -> None:
     if cc is not None:
         click.echo(f"  GPU: {info.gpu_name or 'not probed'}, compute capability {cc[0]}.{cc[1]}")
     click.echo(f"  TensorRT: {info.tensorrt_version or 'not available'}")
+    click.echo(f"  PatchCore first pass: {first_pass_kernel()}")
     for note in info.notes:
         click.echo(f"  note: {note}")
 
@@ -109,7 +111,8 @@ def detect_command(as_json: bool, root: Path, no_probe: bool) -> None:
     """Which board this is (device tree, L4T release, memory, CUDA) and what TensorRT it has."""
     info = detect_device(root, probe_cuda=not no_probe, probe_tensorrt=not no_probe)
     if as_json:
-        click.echo(json.dumps(info.to_dict(), indent=2))
+        # Which search this install runs (the compiled C pass, or numpy where it could not be built): a field question.
+        click.echo(json.dumps({**info.to_dict(), "first_pass": first_pass_kernel()}, indent=2))
     else:
         _print_device(info)
 
