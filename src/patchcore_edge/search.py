@@ -570,12 +570,11 @@ class CellIndex:
         """fill(start, stop, block): block [n, stop - start] = lifted [n, D + 1] times the packed columns start..stop
         (a span of whole cells from `column_spans`), by the compiled products."""
         assert self.packed is not None
-        cell_of = {int(col): cell for cell, col in enumerate(self.cell_cols.tolist())}
         n, dp = lifted.shape
 
         def fill(start: int, stop: int, block: np.ndarray) -> None:
-            _cellscan.values(lifted, n, dp, self.packed, self.cell_cols, self.cells, cell_of[start], cell_of[stop],
-                             block)
+            first, last = np.searchsorted(self.cell_cols, (start, stop)).tolist()  # span ends are cell starts
+            _cellscan.values(lifted, n, dp, self.packed, self.cell_cols, self.cells, first, last, block)
         return fill
 
     def lift(self, queries: np.ndarray) -> np.ndarray:
@@ -606,12 +605,13 @@ class CellIndex:
         n = queries.shape[0]
         probes = int(max(1, min(probes, self.cells)))
         lifted = self.lift(queries)
+        with blas_threads(1):
+            to_centres = lifted @ self.centres
         if self.packed is not None:
-            return self._compiled_rows(lifted, probes, threads)
+            return self._compiled_rows(lifted, to_centres, probes, threads)
         members = self.members
         assert members is not None  # kept whenever there is no packed copy
         with blas_threads(1):
-            to_centres = lifted @ self.centres
             # Each query's probes in ascending cell order: column order is then the tie rule below.
             chosen = (to_centres.argmin(axis=1)[:, None] if probes == 1
                       else np.sort(np.argpartition(to_centres, probes - 1, axis=1)[:, :probes], axis=1))
@@ -654,7 +654,7 @@ class CellIndex:
         rows: np.ndarray = self.rows[rows_at.reshape(n, probes)[np.arange(n), pick]]
         return rows
 
-    def _compiled_rows(self, lifted: np.ndarray, probes: int, threads: int) -> np.ndarray:
+    def _compiled_rows(self, lifted: np.ndarray, to_centres: np.ndarray, probes: int, threads: int) -> np.ndarray:
         """`nearest_rows` through patchcore_edge._cellscan: probe selection and grouping, then one fused product and
         running minimum per block of queries and columns (no product matrix written; search.md, session 8)."""
         assert self.packed is not None
@@ -662,8 +662,6 @@ class CellIndex:
         n, dp = lifted.shape
         starts = np.empty(self.cells + 1, dtype=np.int64)
         grouped = np.empty(n * probes, dtype=np.int64)
-        with blas_threads(1):
-            to_centres = lifted @ self.centres
         _cellscan.probe(to_centres, n, self.cells, probes, starts, grouped)
         value = np.full(n, np.inf, dtype=np.float32)
         col = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)

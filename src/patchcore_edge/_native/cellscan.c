@@ -107,6 +107,21 @@ static int need(Py_buffer *buffer, Py_ssize_t items, Py_ssize_t item_bytes, cons
     return 1;
 }
 
+/* group_starts ascending from 0, group_queries holding as many entries as the last says. */
+static int groups_ok(const int64_t *group_starts, Py_ssize_t cells, Py_buffer *queries)
+{
+    if (group_starts[0] != 0) return 0;
+    for (Py_ssize_t j = 0; j < cells; ++j)
+        if (group_starts[j + 1] < group_starts[j]) return 0;
+    return queries->len == (Py_ssize_t)(group_starts[cells] * 8);
+}
+
+/* Releases the buffers a call took (NULL-terminated list). */
+static void release(Py_buffer *const *held)
+{
+    for (; *held != NULL; ++held) PyBuffer_Release(*held);
+}
+
 /* The packed layout: cell_cols ascending from 0 in steps that are multiples of 16, packed holding dp floats per column. */
 static int layout_ok(Py_buffer *packed, const int64_t *cell_cols, Py_ssize_t cells, Py_ssize_t dp)
 {
@@ -172,9 +187,7 @@ static PyObject *probe(PyObject *self, PyObject *args)
 done:
     free(picked);
     free(fill);
-    PyBuffer_Release(&values);
-    PyBuffer_Release(&starts);
-    PyBuffer_Release(&queries);
+    release((Py_buffer *const[]){&values, &starts, &queries, NULL});
     return result;
 }
 
@@ -205,16 +218,10 @@ static PyObject *scan(PyObject *self, PyObject *args)
     }
     const int64_t *cell_cols = cols.buf, *group_starts = starts.buf, *group_queries = queries.buf;
     /* Every offset the kernel will read is checked here, once. */
-    if (!layout_ok(&packed, cell_cols, cells, dp) || group_starts[0] != 0
-        || queries.len != (Py_ssize_t)(group_starts[cells] * 8)) {
+    if (!layout_ok(&packed, cell_cols, cells, dp) || !groups_ok(group_starts, cells, &queries)) {
         PyErr_SetString(PyExc_ValueError, "scan: inconsistent layout");
         goto done;
     }
-    for (Py_ssize_t j = 0; j < cells; ++j)
-        if (group_starts[j + 1] < group_starts[j]) {
-            PyErr_SetString(PyExc_ValueError, "scan: inconsistent layout");
-            goto done;
-        }
     for (Py_ssize_t i = 0; i < group_starts[cells]; ++i)
         if (group_queries[i] < 0 || group_queries[i] >= n) {
             PyErr_SetString(PyExc_ValueError, "scan: query number out of range");
@@ -227,14 +234,7 @@ static PyObject *scan(PyObject *self, PyObject *args)
     result = Py_None;
     Py_INCREF(result);
 done:
-    PyBuffer_Release(&lifted);
-    PyBuffer_Release(&packed);
-    PyBuffer_Release(&cols);
-    PyBuffer_Release(&starts);
-    PyBuffer_Release(&queries);
-    PyBuffer_Release(&counter);
-    PyBuffer_Release(&value);
-    PyBuffer_Release(&col);
+    release((Py_buffer *const[]){&lifted, &packed, &cols, &starts, &queries, &counter, &value, &col, NULL});
     return result;
 }
 
@@ -266,10 +266,7 @@ static PyObject *values(PyObject *self, PyObject *args)
     result = Py_None;
     Py_INCREF(result);
 done:
-    PyBuffer_Release(&lifted);
-    PyBuffer_Release(&packed);
-    PyBuffer_Release(&cols);
-    PyBuffer_Release(&out);
+    release((Py_buffer *const[]){&lifted, &packed, &cols, &out, NULL});
     return result;
 }
 
